@@ -1,0 +1,29 @@
+"""The per-connection milter session state machine, without I/O.
+
+Imports neither asyncio nor grpc (tests/test_layering.py checks it).
+"""
+
+from milter_bridge.session.machine import (
+    EndPolicyStream,
+    FailureAction,
+    Output,
+    Pending,
+    SendToMta,
+    SendToPolicy,
+    Session,
+)
+from milter_bridge.session.plan import InvalidCapabilitiesError, Mode, Plan, Stage
+
+__all__ = [
+    "EndPolicyStream",
+    "FailureAction",
+    "InvalidCapabilitiesError",
+    "Mode",
+    "Output",
+    "Pending",
+    "Plan",
+    "SendToMta",
+    "SendToPolicy",
+    "Session",
+    "Stage",
+]

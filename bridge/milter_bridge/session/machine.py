@@ -1,0 +1,441 @@
+"""The per-connection milter session: MTA bytes in, MTA bytes and policy messages out.
+
+No I/O. The connection layer feeds what it reads from the MTA into
+``feed()``, hands policy answers to ``answer()`` (or ``fail()`` when the
+policy is broken or late) and carries out the returned outputs in order:
+
+    SendToMta(data)       write to the MTA; all replies to one command are one write
+    SendToPolicy(request) send on the policy stream; the first one of a stream is `start`
+    EndPolicyStream()     half-close the policy stream: the SMTP session is over
+
+At most one event awaits the policy (``pending``): the MTA waits for that
+answer, and whatever it sends meanwhile (ABORT or QUIT after its own
+timeout) is queued and handled after the answer, as libmilter, which reads
+the next command only after replying, would handle it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from google.protobuf.message import Message
+
+from milter_bridge.protocol import commands as cmd
+from milter_bridge.protocol import constants as c
+from milter_bridge.protocol import replies as r
+from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE, CommandDecoder, encode, encode_all
+from milter_bridge.protocol.constants import MacroStage
+from milter_bridge.protocol.errors import InvalidAnswer, ProtocolError
+from milter_bridge.session import answers, events
+from milter_bridge.session.macros import MacroStore
+from milter_bridge.session.negotiation import Negotiation, negotiate
+from milter_bridge.session.plan import Body, Mode, Plan, Stage
+from milter_bridge.session.states import (
+    KEEPS_STATE_ON_REJECT,
+    STATE_OF,
+    State,
+    in_mail,
+    transition_ok,
+)
+from milter_bridge.v1 import policy_pb2 as pb
+
+# Commands an MTA may send while it waits for an answer (ABORT, QUIT after its
+# own timeout); more than this many means it does not wait at all.
+MAX_QUEUED_COMMANDS = 16
+
+_STATE_OF_STAGE = {
+    Stage.CONNECT: State.CONN,
+    Stage.HELO: State.HELO,
+    Stage.MAIL: State.MAIL,
+    Stage.RCPT: State.RCPT,
+    Stage.DATA: State.DATA,
+    Stage.HEADER: State.HDRS,
+    Stage.EOH: State.EOHS,
+    Stage.BODY: State.BODY,
+    Stage.UNKNOWN: State.UNKN,
+}
+_MESSAGE_STAGES = frozenset(
+    {Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.HEADER, Stage.EOH, Stage.BODY, Stage.EOM}
+)
+_ENVELOPE_MACROS = {
+    "connect": MacroStage.SMFIM_CONNECT,
+    "helo": MacroStage.SMFIM_HELO,
+    "mail_from": MacroStage.SMFIM_ENVFROM,
+    "rcpt_to": MacroStage.SMFIM_ENVRCPT,
+    "data": MacroStage.SMFIM_DATA,
+    "end_of_headers": MacroStage.SMFIM_EOH,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SendToMta:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendToPolicy:
+    request: pb.ProcessRequest
+
+
+@dataclass(frozen=True, slots=True)
+class EndPolicyStream:
+    pass
+
+
+Output = SendToMta | SendToPolicy | EndPolicyStream
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The event that awaits the policy's answer."""
+
+    sequence: int
+    stage: Stage
+    command: bytes
+
+
+class FailureAction(Enum):
+    """What to answer the MTA when the policy cannot (configured per stage)."""
+
+    TEMPFAIL = pb.ACTION_TEMPFAIL
+    REJECT = pb.ACTION_REJECT
+    ACCEPT = pb.ACTION_ACCEPT
+    CONTINUE = pb.ACTION_CONTINUE
+
+
+_CONTINUE = encode(r.Continue())
+
+
+class Session:
+    """One MTA milter connection (possibly several SMTP sessions with QUIT_NC)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        connection_id: str = "",
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+    ) -> None:
+        self.plan = plan
+        self.connection_id = connection_id
+        self.decoder = CommandDecoder(max_packet_size)
+        self.negotiation: Negotiation | None = None
+        self.state = State.INIT
+        self.pending: Pending | None = None
+        self.finished = False  # QUIT seen: nothing more is read
+        self.macros = MacroStore()
+        self._queue: deque[cmd.MtaCommand] = deque()
+        self._skippable = frozenset(
+            st for stage, st in _STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
+        )
+        self._smtp_sessions = 0
+        self._stream_open = False
+        self._sequence = 0
+        self._reset_session()
+
+    # -- inputs -------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Output]:
+        """Bytes from the MTA; raises ProtocolError when the connection must be closed."""
+        out: list[Output] = []
+        for command in self.decoder.feed(data):
+            if self.finished:
+                break
+            if self.pending is not None:
+                if len(self._queue) >= MAX_QUEUED_COMMANDS:
+                    msg = f"MTA sent {len(self._queue) + 1} commands without waiting for an answer"
+                    raise ProtocolError(msg)
+                self._queue.append(command)
+                continue
+            out += self._handle(command)
+        return out
+
+    def answer(self, response: pb.ProcessResponse) -> list[Output]:
+        """A policy answer; raises InvalidAnswer (and changes nothing) when it is not valid."""
+        p = self.pending
+        if p is None:
+            msg = f"answer for sequence {response.sequence}, but no event awaits an answer"
+            raise InvalidAnswer(msg)
+        if response.sequence != p.sequence:
+            msg = f"answer for sequence {response.sequence}, but {p.sequence} ({p.stage.value}) awaits it"  # noqa: E501
+            raise InvalidAnswer(msg)
+        kind = response.WhichOneof("response")
+        if kind == "progress":
+            if p.stage is not Stage.EOM:
+                msg = f"progress is only valid for end_of_message, not {p.stage.value}"
+                raise InvalidAnswer(msg)
+            return [SendToMta(encode(r.Progress()))]
+        if kind == "verdict":
+            skip = self._negotiated().skip
+            replies = answers.verdict_replies(p.stage, response.verdict, skip=skip)
+            action = response.verdict.action
+        elif kind == "end_of_message":
+            if p.stage is not Stage.EOM:
+                msg = f"end_of_message answer to a {p.stage.value} event"
+                raise InvalidAnswer(msg)
+            granted = self._negotiated().actions
+            replies = answers.end_of_message_replies(response.end_of_message, granted)
+            action = response.end_of_message.verdict.action
+        else:
+            msg = f"answer for sequence {p.sequence} holds no verdict"
+            raise InvalidAnswer(msg)
+        return self._resolve(replies, action)
+
+    def fail(self, action: FailureAction) -> list[Output]:
+        """Answer the pending event with the failure action (the policy is broken or late)."""
+        p = self.pending
+        if p is None:
+            return []
+        verdict = action.value
+        if verdict == pb.ACTION_ACCEPT and p.stage is Stage.UNKNOWN:
+            verdict = pb.ACTION_CONTINUE
+        replies = answers.verdict_replies(p.stage, pb.Verdict(action=verdict), skip=False)
+        return self._resolve(replies, verdict)
+
+    def progress(self) -> list[Output]:
+        """The bridge's own SMFIR_PROGRESS while the policy works on end of message."""
+        if self.pending is None or self.pending.stage is not Stage.EOM:
+            return []
+        return [SendToMta(encode(r.Progress()))]
+
+    def connection_lost(self) -> list[Output]:
+        """The MTA closed the connection."""
+        self.finished = True
+        self.pending = None
+        return self._end_stream()
+
+    # -- state --------------------------------------------------------------
+
+    def _negotiated(self) -> Negotiation:
+        if self.negotiation is None:
+            msg = "no option negotiation yet"
+            raise ProtocolError(msg)
+        return self.negotiation
+
+    def _reset_session(self) -> None:
+        self._session_accepted = False
+        self._connect: pb.Connect | None = None
+        self._helo: pb.Helo | None = None
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._message_done = False
+        self._message_seen = False
+        self._skip_body = False
+        self._mail: pb.MailFrom | None = None
+        self._recipients: list[pb.RcptTo] = []
+        self._headers: list[pb.Header] = []
+        self._body = bytearray()
+        self._body_size = 0
+
+    def _mode(self, stage: Stage) -> Mode:
+        if self._session_accepted or (self._message_done and stage in _MESSAGE_STAGES):
+            return Mode.SKIP
+        if stage is Stage.BODY and self._skip_body:
+            return Mode.SKIP
+        return self._negotiated().modes[stage]
+
+    # -- commands -----------------------------------------------------------
+
+    def _handle(self, command: cmd.MtaCommand) -> list[Output]:
+        if isinstance(command, cmd.DefineMacro):
+            self.macros.define(command.stage, command.macros)
+            return []
+        out: list[Output] = []
+        new = STATE_OF[command.code]
+        if isinstance(command, cmd.Quit | cmd.QuitNewConnection):
+            pass  # always honoured (see states.py)
+        elif not transition_ok(self.state, new, self._skippable):
+            if in_mail(self.state):
+                out += self._abort_message()
+            self.state = State.HELO
+            if not transition_ok(State.HELO, new, self._skippable):
+                return out  # libmilter ignores it, without a reply
+        self.state = new
+        return out + self._dispatch(command)
+
+    def _dispatch(self, command: cmd.MtaCommand) -> list[Output]:  # noqa: PLR0911, PLR0912
+        match command:
+            case cmd.OptionNegotiation():
+                self.negotiation = negotiate(self.plan, command)
+                self.macros.clear()
+                return [SendToMta(encode(self.negotiation.reply))]
+            case cmd.Connect():
+                self.macros.entered(MacroStage.SMFIM_CONNECT)
+                self._reset_session()
+                self._connect = events.connect(command)
+                return self._event(Stage.CONNECT, command, "connect", self._connect)
+            case cmd.Helo():
+                self.macros.entered(MacroStage.SMFIM_HELO)
+                self._helo = events.helo(command)
+                return self._event(Stage.HELO, command, "helo", self._helo)
+            case cmd.Mail():
+                self.macros.entered(MacroStage.SMFIM_ENVFROM)
+                self._reset_message()
+                self._mail = events.mail_from(command)
+                return self._event(Stage.MAIL, command, "mail_from", self._mail)
+            case cmd.Rcpt():
+                self.macros.entered(MacroStage.SMFIM_ENVRCPT)
+                rejected = self._negotiated().negotiated.rejected_recipients and (
+                    self.macros.of(MacroStage.SMFIM_ENVRCPT).get("rcpt_mailer") == "error"
+                )
+                rcpt = events.rcpt_to(command, rejected=rejected)
+                self._recipients.append(rcpt)
+                return self._event(Stage.RCPT, command, "rcpt_to", rcpt)
+            case cmd.Data():
+                return self._event(Stage.DATA, command, "data", pb.Data())
+            case cmd.Header():
+                header = events.header(command)
+                if self.plan.eom_headers or self.plan.header_batch:
+                    self._headers.append(header)
+                return self._event(Stage.HEADER, command, "header", header)
+            case cmd.EndOfHeaders():
+                batch = self._headers if self.plan.header_batch else []
+                return self._event(
+                    Stage.EOH, command, "end_of_headers", pb.EndOfHeaders(headers=batch)
+                )
+            case cmd.Body():
+                return self._body_chunk(command, command.chunk)
+            case cmd.EndOfMessage():
+                out: list[Output] = []
+                if command.chunk:
+                    # Old MTAs may put the last body bytes here: libmilter hands
+                    # them to the body callback first. They are observed, not answered.
+                    out += self._body_chunk(command, command.chunk, answer=False)
+                return out + self._event(
+                    Stage.EOM, command, "end_of_message", self._end_of_message()
+                )
+            case cmd.Unknown():
+                return self._event(Stage.UNKNOWN, command, "unknown", events.unknown(command))
+            case cmd.Abort():
+                return self._abort_message()
+            case cmd.Quit():
+                out = self._abort_message() if in_mail(self.state) else []
+                self.finished = True
+                return out + self._end_stream()
+            case cmd.QuitNewConnection():
+                out = self._abort_message() if in_mail(self.state) else []
+                self.macros.clear()
+                self._reset_session()
+                return out + self._end_stream()
+        msg = f"no handler for {command!r}"  # every MtaCommand is matched above
+        raise AssertionError(msg)
+
+    def _body_chunk(
+        self, command: cmd.MtaCommand, chunk: bytes, *, answer: bool = True
+    ) -> list[Output]:
+        self._body_size += len(chunk)
+        if self.plan.body is Body.BUFFERED:
+            room = self.plan.body_limit - len(self._body)
+            self._body += chunk[: max(room, 0)]
+        if not answer:
+            if self._mode(Stage.BODY) is Mode.SKIP:
+                return []
+            return self._send(Stage.BODY, pb.BodyChunk(data=chunk), "body_chunk", {}, decide=False)
+        return self._event(Stage.BODY, command, "body_chunk", pb.BodyChunk(data=chunk))
+
+    def _end_of_message(self) -> pb.EndOfMessage:
+        eom = pb.EndOfMessage(body_size=self._body_size)
+        if self.plan.eom_envelope:
+            envelope = eom.envelope
+            if self._connect is not None:
+                envelope.connect.CopyFrom(self._connect)
+            if self._helo is not None:
+                envelope.helo.CopyFrom(self._helo)
+            if self._mail is not None:
+                envelope.mail_from.CopyFrom(self._mail)
+            envelope.recipients.extend(self._recipients)
+            for name, stage in _ENVELOPE_MACROS.items():
+                envelope.macros[name].values.update(self.macros.of(stage))
+        if self.plan.eom_headers:
+            eom.headers.extend(self._headers)
+        if self.plan.body is Body.BUFFERED:
+            eom.body = bytes(self._body)
+            eom.body_truncated = self._body_size > len(self._body)
+        return eom
+
+    def _abort_message(self) -> list[Output]:
+        out: list[Output] = []
+        if self._message_seen and self._mode(Stage.ABORT) is not Mode.SKIP and self._stream_open:
+            out = self._send(Stage.ABORT, pb.Abort(), "abort", {}, decide=False)
+        self._reset_message()
+        return out
+
+    # -- events to the policy ------------------------------------------------
+
+    def _event(
+        self, stage: Stage, command: cmd.MtaCommand, field: str, message: Message
+    ) -> list[Output]:
+        mode = self._mode(stage)
+        out: list[Output] = []
+        if mode is not Mode.SKIP:
+            macro_stage = c.MACRO_STAGE_OF_COMMAND.get(command.code)
+            macros = self.macros.of(macro_stage) if macro_stage is not None else {}
+            out += self._send(stage, message, field, macros, decide=mode is Mode.DECIDE)
+            if mode is Mode.DECIDE:
+                self.pending = Pending(self._sequence, stage, command.code)
+                return out
+        if stage not in self._negotiated().no_reply:
+            out.append(SendToMta(_CONTINUE))
+        if stage is Stage.EOM:
+            self._reset_message()
+        return out
+
+    def _send(
+        self, stage: Stage, message: Message, field: str, macros: dict[str, str], *, decide: bool
+    ) -> list[Output]:
+        out: list[Output] = []
+        if not self._stream_open:
+            self._stream_open = True
+            self._sequence = 1
+            self._smtp_sessions += 1
+            start = pb.StreamStart(
+                fingerprint=self.plan.fingerprint,
+                capabilities=self.plan.capabilities,
+                negotiated=self._negotiated().negotiated,
+                session_id=f"{self.connection_id}.{self._smtp_sessions}",
+            )
+            out.append(SendToPolicy(pb.ProcessRequest(sequence=1, start=start)))
+        self._sequence += 1
+        if stage in _MESSAGE_STAGES:
+            self._message_seen = True
+        request = pb.ProcessRequest(sequence=self._sequence, reply_expected=decide, macros=macros)
+        getattr(request, field).CopyFrom(message)
+        out.append(SendToPolicy(request))
+        return out
+
+    def _end_stream(self) -> list[Output]:
+        if not self._stream_open:
+            return []
+        self._stream_open = False
+        return [EndPolicyStream()]
+
+    # -- answers ------------------------------------------------------------
+
+    def _resolve(self, replies: list[r.MilterReply], action: int) -> list[Output]:
+        p = self.pending
+        assert p is not None  # callers checked
+        self.pending = None
+        out: list[Output] = [SendToMta(encode_all(replies))]
+        if p.stage is Stage.EOM:
+            self._reset_message()
+        # engine.c: after ACCEPT, and after REJECT/TEMPFAIL/DISCARD of any command but
+        # RCPT and UNKNOWN, the state falls back to HELO.
+        ends = action == pb.ACTION_ACCEPT or (
+            action in (pb.ACTION_REJECT, pb.ACTION_TEMPFAIL, pb.ACTION_DISCARD)
+            and p.command not in KEEPS_STATE_ON_REJECT
+        )
+        if ends:
+            self.state = State.HELO
+        if action == pb.ACTION_ACCEPT and p.stage in (Stage.CONNECT, Stage.HELO):
+            self._session_accepted = True
+        elif (ends or action == pb.ACTION_DISCARD) and p.stage in _MESSAGE_STAGES - {Stage.EOM}:
+            # The policy has decided this message; it sees no more of it.
+            self._message_done = True
+        elif action == pb.ACTION_SKIP:
+            self._skip_body = True
+        while self._queue and self.pending is None and not self.finished:
+            out += self._handle(self._queue.popleft())
+        return out

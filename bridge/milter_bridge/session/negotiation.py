@@ -1,0 +1,135 @@
+"""Option negotiation: from a Plan and the MTA's offer to the OPTNEG reply.
+
+Asks for exactly what the plan needs and never more than the MTA offered:
+NO* flags for events nothing needs, NR* flags for events the policy does not
+answer, the action flags of the modifications the policy may make, and the
+macro lists. Sendmail refuses a reply with flags it did not offer; Postfix
+takes them at face value, which is worse (see PROTOCOL-NOTES).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from milter_bridge.protocol.commands import OptionNegotiation
+from milter_bridge.protocol.constants import (
+    SMFI_PROT_VERSION,
+    SMFI_PROT_VERSION_MIN,
+    SMFI_V1_ACTS,
+    SMFI_V1_PROT,
+    ActionFlag,
+    ProtocolFlag,
+)
+from milter_bridge.protocol.errors import MalformedPacket
+from milter_bridge.protocol.replies import OptionNegotiationReply
+from milter_bridge.session.plan import Mode, Plan, Stage, flags_to_actions
+from milter_bridge.v1 import policy_pb2 as pb
+
+P = ProtocolFlag
+
+# Per stage: the flag that stops the MTA sending it, and the flag that stops it waiting.
+NO_FLAG: dict[Stage, ProtocolFlag] = {
+    Stage.CONNECT: P.SMFIP_NOCONNECT,
+    Stage.HELO: P.SMFIP_NOHELO,
+    Stage.MAIL: P.SMFIP_NOMAIL,
+    Stage.RCPT: P.SMFIP_NORCPT,
+    Stage.DATA: P.SMFIP_NODATA,
+    Stage.HEADER: P.SMFIP_NOHDRS,
+    Stage.EOH: P.SMFIP_NOEOH,
+    Stage.BODY: P.SMFIP_NOBODY,
+    Stage.UNKNOWN: P.SMFIP_NOUNKNOWN,
+}
+NR_FLAG: dict[Stage, ProtocolFlag] = {
+    Stage.CONNECT: P.SMFIP_NR_CONN,
+    Stage.HELO: P.SMFIP_NR_HELO,
+    Stage.MAIL: P.SMFIP_NR_MAIL,
+    Stage.RCPT: P.SMFIP_NR_RCPT,
+    Stage.DATA: P.SMFIP_NR_DATA,
+    Stage.HEADER: P.SMFIP_NR_HDR,
+    Stage.EOH: P.SMFIP_NR_EOH,
+    Stage.BODY: P.SMFIP_NR_BODY,
+    Stage.UNKNOWN: P.SMFIP_NR_UNKN,
+}
+# Events older protocol versions do not have.
+FIRST_VERSION: dict[Stage, int] = {Stage.UNKNOWN: 3, Stage.DATA: 4}
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiation:
+    """The outcome of OPTNEG for one MTA connection."""
+
+    reply: OptionNegotiationReply
+    # Stages the MTA does not wait on (NR negotiated): the bridge never answers them.
+    no_reply: frozenset[Stage]
+    # Stages the policy sees, with their effective mode (SKIP where the MTA cannot send it).
+    modes: dict[Stage, Mode]
+    # Whether the MTA understands SMFIR_SKIP.
+    skip: bool
+    # The modifications the MTA granted.
+    actions: ActionFlag
+    negotiated: pb.Negotiated
+
+    @property
+    def version(self) -> int:
+        return self.reply.version
+
+
+def negotiate(plan: Plan, offer: OptionNegotiation) -> Negotiation:
+    """The reply to the MTA's OPTNEG; raises MalformedPacket for a version below 2."""
+    if offer.version < SMFI_PROT_VERSION_MIN:
+        msg = f"OPTNEG: MTA offers protocol version {offer.version}, the minimum is 2"
+        raise MalformedPacket(msg)
+    version = min(SMFI_PROT_VERSION, offer.version)
+    # libmilter: zero means the version-1 defaults.
+    offered_actions = offer.actions or SMFI_V1_ACTS
+    offered = offer.protocol or SMFI_V1_PROT
+
+    modes = dict(plan.modes)
+    for stage, first in FIRST_VERSION.items():
+        if version < first:
+            modes[stage] = Mode.SKIP
+
+    protocol = P.NONE
+    no_reply: set[Stage] = set()
+    for stage, no_flag in NO_FLAG.items():
+        if not plan.needs_from_mta(stage) and no_flag & offered:
+            protocol |= no_flag
+            continue
+        if modes[stage] is not Mode.DECIDE and NR_FLAG[stage] & offered:
+            protocol |= NR_FLAG[stage]
+            no_reply.add(stage)
+
+    skip = modes[Stage.BODY] is Mode.DECIDE and bool(P.SMFIP_SKIP & offered)
+    if skip:
+        protocol |= P.SMFIP_SKIP
+    rejected = plan.rejected_recipients and bool(P.SMFIP_RCPT_REJ & offered)
+    if rejected:
+        protocol |= P.SMFIP_RCPT_REJ
+    leadspc = plan.header_leading_space and bool(P.SMFIP_HDR_LEADSPC & offered)
+    if leadspc:
+        protocol |= P.SMFIP_HDR_LEADSPC
+
+    actions = plan.actions & offered_actions
+    # Macro lists need version 6 and SETSYMLIST; Postfix would parse them anyway.
+    lists = bool(plan.macro_lists) and bool(ActionFlag.SMFIF_SETSYMLIST & offered_actions)
+    lists = lists and version >= SMFI_PROT_VERSION
+    if lists:
+        actions |= ActionFlag.SMFIF_SETSYMLIST
+
+    negotiated = pb.Negotiated(
+        protocol_version=version,
+        actions=flags_to_actions(actions),
+        events=pb.EventModes(**{s.value: modes[s].value for s in Stage}),
+        macro_lists=lists,
+        rejected_recipients=rejected,
+        header_leading_space=leadspc,
+        skip=skip,
+    )
+    return Negotiation(
+        reply=OptionNegotiationReply(version, actions, protocol, plan.macro_lists if lists else ()),
+        no_reply=frozenset(no_reply),
+        modes=modes,
+        skip=skip,
+        actions=actions & ~ActionFlag.SMFIF_SETSYMLIST,
+        negotiated=negotiated,
+    )
