@@ -1,11 +1,10 @@
-"""Bad input: each case raises the ProtocolError that closes the connection, with a clear message."""
+"""Bad input: each case raises the ProtocolError that closes the connection, clearly worded."""
 
 from __future__ import annotations
 
 import struct
 
 import pytest
-
 from milter_bridge.protocol import (
     CommandDecoder,
     FrameDecoder,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from milter_bridge.protocol import (
     CommandDecoder,
     FrameDecoder,
@@ -16,6 +15,7 @@ from milter_bridge.protocol import (
 )
 from milter_bridge.protocol.commands import MtaCommand
 from milter_bridge.protocol.replies import MilterReply
+
 from tests.protocol.strategies import commands, replies
 
 
