@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hypothesis import strategies as st
+
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import constants as c
 from milter_bridge.protocol import replies as r

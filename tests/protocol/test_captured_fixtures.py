@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from milter_bridge.protocol import (
     CommandDecoder,
     FrameDecoder,
@@ -10,7 +11,6 @@ from milter_bridge.protocol import (
     decode_reply,
     encode,
 )
-
 from tests.captured import Capture, all_captures
 
 CAPTURES = all_captures()

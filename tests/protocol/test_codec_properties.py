@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from milter_bridge.protocol import (
     CommandDecoder,
     FrameDecoder,
@@ -15,7 +16,6 @@ from milter_bridge.protocol import (
 )
 from milter_bridge.protocol.commands import MtaCommand
 from milter_bridge.protocol.replies import MilterReply
-
 from tests.protocol.strategies import commands, replies
 
 

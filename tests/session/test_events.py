@@ -7,7 +7,6 @@ from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
 from milter_bridge.v1 import policy_pb2 as pb
-
 from tests.session import harness as h
 from tests.session.harness import DECIDE, OBSERVE, Mta
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from milter_bridge.protocol import MalformedPacket
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
@@ -12,7 +13,6 @@ from milter_bridge.protocol.constants import ActionFlag, MacroStage, ProtocolFla
 from milter_bridge.session import InvalidCapabilitiesError, Plan
 from milter_bridge.session.negotiation import negotiate
 from milter_bridge.v1 import policy_pb2 as pb
-
 from tests.session.harness import (
     ALL_ACTIONS,
     DECIDE,

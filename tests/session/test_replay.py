@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from milter_bridge.protocol import FrameDecoder, decode_reply, encode
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
@@ -21,7 +22,6 @@ from milter_bridge.session import Output, Plan, SendToMta, Session, Stage
 from milter_bridge.session.negotiation import NO_FLAG, NR_FLAG
 from milter_bridge.session.plan import MACRO_STAGES, flags_to_actions
 from milter_bridge.v1 import policy_pb2 as pb
-
 from tests.captured import Capture, all_captures
 
 _REPLY = re.compile(rb"(\d{3})[ -](?:([245]\.\d{1,3}\.\d{1,3}) )?(.*)", re.DOTALL)

@@ -164,7 +164,7 @@ class Session:
         kind = response.WhichOneof("response")
         if kind == "progress":
             if p.stage is not Stage.EOM:
-                msg = f"progress is only valid for end_of_message, not {p.stage.value}"
+                msg = f"answer to {p.stage.value}: progress is only valid for end_of_message"
                 raise InvalidAnswer(msg)
             return [SendToMta(encode(r.Progress()))]
         if kind == "verdict":
@@ -173,13 +173,13 @@ class Session:
             action = response.verdict.action
         elif kind == "end_of_message":
             if p.stage is not Stage.EOM:
-                msg = f"end_of_message answer to a {p.stage.value} event"
+                msg = f"answer to {p.stage.value}: modifications are only valid for end_of_message"
                 raise InvalidAnswer(msg)
             granted = self._negotiated().actions
             replies = answers.end_of_message_replies(response.end_of_message, granted)
             action = response.end_of_message.verdict.action
         else:
-            msg = f"answer for sequence {p.sequence} holds no verdict"
+            msg = f"answer to {p.stage.value} (sequence {p.sequence}) holds no verdict"
             raise InvalidAnswer(msg)
         return self._resolve(replies, action)
 
@@ -246,7 +246,9 @@ class Session:
         out: list[Output] = []
         new = STATE_OF[command.code]
         if isinstance(command, cmd.Quit | cmd.QuitNewConnection):
-            pass  # always honoured (see states.py)
+            # Always honoured (see states.py); a message in progress is aborted first.
+            if in_mail(self.state):
+                out += self._abort_message()
         elif not transition_ok(self.state, new, self._skippable):
             if in_mail(self.state):
                 out += self._abort_message()
@@ -312,14 +314,12 @@ class Session:
             case cmd.Abort():
                 return self._abort_message()
             case cmd.Quit():
-                out = self._abort_message() if in_mail(self.state) else []
                 self.finished = True
-                return out + self._end_stream()
+                return self._end_stream()
             case cmd.QuitNewConnection():
-                out = self._abort_message() if in_mail(self.state) else []
                 self.macros.clear()
                 self._reset_session()
-                return out + self._end_stream()
+                return self._end_stream()
         msg = f"no handler for {command!r}"  # every MtaCommand is matched above
         raise AssertionError(msg)
 
