@@ -178,6 +178,7 @@ def test_invalid_verdicts(action: int, reply: pb.SmtpReply | None, problem: str)
 def test_wrong_sequence_and_nothing_pending() -> None:
     mta = at(Stage.HELO)
     seq = mta.pending_sequence()
+    go_on = pb.Verdict(action=pb.ACTION_CONTINUE)
     with pytest.raises(InvalidAnswer, match=f"but {seq} \\(helo\\) awaits"):
         mta.answer(
             pb.ProcessResponse(sequence=seq + 1, verdict=pb.Verdict(action=pb.ACTION_CONTINUE))
@@ -186,7 +187,7 @@ def test_wrong_sequence_and_nothing_pending() -> None:
         mta.answer(pb.ProcessResponse(sequence=seq))
     assert mta.verdict(pb.ACTION_CONTINUE) == [r.Continue()]
     with pytest.raises(InvalidAnswer, match="no event awaits"):
-        mta.answer(pb.ProcessResponse(sequence=seq, verdict=pb.Verdict(action=pb.ACTION_CONTINUE)))
+        mta.answer(pb.ProcessResponse(sequence=seq, verdict=go_on))
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.value)
