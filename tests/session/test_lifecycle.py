@@ -211,6 +211,13 @@ def test_macros_of_later_stages_are_invalidated() -> None:
     assert dict(mta.last().macros) == {}
 
 
+def test_braced_and_bare_macro_names_are_the_same_macro() -> None:
+    mta = Mta(h.capabilities(helo=DECIDE))
+    mta.send(cmd.DefineMacro(b"H", ((b"{j}", b"braced"), (b"{tls_version}", b"TLSv1.3"))))
+    mta.send(cmd.Helo(b"x"))
+    assert dict(mta.last().macros) == {"j": "braced", "tls_version": "TLSv1.3"}
+
+
 def test_macros_for_header_and_body_belong_to_no_stage() -> None:
     mta = Mta(h.decide_everything())
     mta.send(cmd.DefineMacro(b"L", ((b"x", b"1"),)), cmd.DefineMacro(b"B", ()), *h.connect())

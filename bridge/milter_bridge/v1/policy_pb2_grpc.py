@@ -56,8 +56,9 @@ class PolicyServiceStub:
     Only one event at a time awaits a reply: the MTA waits for the answer
     before it sends the next command.
     5. Several messages may follow one another in one session. `abort` tells
-    the policy that the current message ended without end_of_message (the
-    MTA may send it after a completed message too; it is then harmless).
+    the policy that a message it has seen events of ended without
+    end_of_message. (Postfix also sends aborts after every finished message;
+    like libmilter, the bridge drops those.)
     6. When the SMTP session ends (QUIT, the MTA closing the connection, or
     the MTA reusing its milter connection for a new session) the bridge
     half-closes the stream: the policy sees the end of the request stream,
@@ -114,8 +115,9 @@ class PolicyServiceServicer:
     Only one event at a time awaits a reply: the MTA waits for the answer
     before it sends the next command.
     5. Several messages may follow one another in one session. `abort` tells
-    the policy that the current message ended without end_of_message (the
-    MTA may send it after a completed message too; it is then harmless).
+    the policy that a message it has seen events of ended without
+    end_of_message. (Postfix also sends aborts after every finished message;
+    like libmilter, the bridge drops those.)
     6. When the SMTP session ends (QUIT, the MTA closing the connection, or
     the MTA reusing its milter connection for a new session) the bridge
     half-closes the stream: the policy sees the end of the request stream,
@@ -191,8 +193,9 @@ class PolicyService:
     Only one event at a time awaits a reply: the MTA waits for the answer
     before it sends the next command.
     5. Several messages may follow one another in one session. `abort` tells
-    the policy that the current message ended without end_of_message (the
-    MTA may send it after a completed message too; it is then harmless).
+    the policy that a message it has seen events of ended without
+    end_of_message. (Postfix also sends aborts after every finished message;
+    like libmilter, the bridge drops those.)
     6. When the SMTP session ends (QUIT, the MTA closing the connection, or
     the MTA reusing its milter connection for a new session) the bridge
     half-closes the stream: the policy sees the end of the request stream,

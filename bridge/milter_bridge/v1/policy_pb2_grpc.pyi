@@ -79,8 +79,9 @@ class PolicyServiceStub:
         Only one event at a time awaits a reply: the MTA waits for the answer
         before it sends the next command.
      5. Several messages may follow one another in one session. `abort` tells
-        the policy that the current message ended without end_of_message (the
-        MTA may send it after a completed message too; it is then harmless).
+        the policy that a message it has seen events of ended without
+        end_of_message. (Postfix also sends aborts after every finished message;
+        like libmilter, the bridge drops those.)
      6. When the SMTP session ends (QUIT, the MTA closing the connection, or
         the MTA reusing its milter connection for a new session) the bridge
         half-closes the stream: the policy sees the end of the request stream,
@@ -132,8 +133,9 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
         Only one event at a time awaits a reply: the MTA waits for the answer
         before it sends the next command.
      5. Several messages may follow one another in one session. `abort` tells
-        the policy that the current message ended without end_of_message (the
-        MTA may send it after a completed message too; it is then harmless).
+        the policy that a message it has seen events of ended without
+        end_of_message. (Postfix also sends aborts after every finished message;
+        like libmilter, the bridge drops those.)
      6. When the SMTP session ends (QUIT, the MTA closing the connection, or
         the MTA reusing its milter connection for a new session) the bridge
         half-closes the stream: the policy sees the end of the request stream,
@@ -181,8 +183,9 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         Only one event at a time awaits a reply: the MTA waits for the answer
         before it sends the next command.
      5. Several messages may follow one another in one session. `abort` tells
-        the policy that the current message ended without end_of_message (the
-        MTA may send it after a completed message too; it is then harmless).
+        the policy that a message it has seen events of ended without
+        end_of_message. (Postfix also sends aborts after every finished message;
+        like libmilter, the bridge drops those.)
      6. When the SMTP session ends (QUIT, the MTA closing the connection, or
         the MTA reusing its milter connection for a new session) the bridge
         half-closes the stream: the policy sees the end of the request stream,
