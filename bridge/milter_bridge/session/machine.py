@@ -41,6 +41,9 @@ from milter_bridge.session.states import (
 )
 from milter_bridge.v1 import policy_pb2 as pb
 
+DEFAULT_MAX_BODY_BUFFER = 16 << 20
+DEFAULT_MAX_HEADER_BUFFER = 1 << 20
+
 # Commands an MTA may send while it waits for an answer (ABORT, QUIT after its
 # own timeout); more than this many means it does not wait at all.
 MAX_QUEUED_COMMANDS = 16
@@ -117,8 +120,14 @@ class Session:
         *,
         connection_id: str = "",
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        max_body_buffer: int = DEFAULT_MAX_BODY_BUFFER,
+        max_header_buffer: int = DEFAULT_MAX_HEADER_BUFFER,
     ) -> None:
         self.plan = plan
+        # Memory per connection: a buffered body and the headers collected for the
+        # policy are cut at these sizes (the policy is told: *_truncated).
+        self.body_limit = min(plan.body_limit, max_body_buffer)
+        self.max_header_buffer = max_header_buffer
         self.connection_id = connection_id
         self.decoder = CommandDecoder(max_packet_size)
         self.negotiation: Negotiation | None = None
@@ -206,6 +215,21 @@ class Session:
         self.pending = None
         return self._end_stream()
 
+    @property
+    def queue_id(self) -> str | None:
+        """The MTA's queue id (macro ``i``) once it is known, for log lines."""
+        for stage in (
+            MacroStage.SMFIM_EOM,
+            MacroStage.SMFIM_DATA,
+            MacroStage.SMFIM_ENVRCPT,
+            MacroStage.SMFIM_ENVFROM,
+            MacroStage.SMFIM_EOH,
+        ):
+            value = self.macros.of(stage).get("i")
+            if value:
+                return value
+        return None
+
     # -- state --------------------------------------------------------------
 
     def _negotiated(self) -> Negotiation:
@@ -227,6 +251,8 @@ class Session:
         self._mail: pb.MailFrom | None = None
         self._recipients: list[pb.RcptTo] = []
         self._headers: list[pb.Header] = []
+        self._header_bytes = 0
+        self._headers_truncated = False
         self._body = bytearray()
         self._body_size = 0
 
@@ -291,13 +317,14 @@ class Session:
             case cmd.Header():
                 header = events.header(command)
                 if self.plan.eom_headers or self.plan.header_batch:
-                    self._headers.append(header)
+                    self._collect_header(header, len(command.name) + len(command.value))
                 return self._event(Stage.HEADER, command, "header", header)
             case cmd.EndOfHeaders():
-                batch = self._headers if self.plan.header_batch else []
-                return self._event(
-                    Stage.EOH, command, "end_of_headers", pb.EndOfHeaders(headers=batch)
-                )
+                eoh = pb.EndOfHeaders()
+                if self.plan.header_batch:
+                    eoh.headers.extend(self._headers)
+                    eoh.headers_truncated = self._headers_truncated
+                return self._event(Stage.EOH, command, "end_of_headers", eoh)
             case cmd.Body():
                 return self._body_chunk(command, command.chunk)
             case cmd.EndOfMessage():
@@ -328,13 +355,20 @@ class Session:
     ) -> list[Output]:
         self._body_size += len(chunk)
         if self.plan.body is Body.BUFFERED:
-            room = self.plan.body_limit - len(self._body)
+            room = self.body_limit - len(self._body)
             self._body += chunk[: max(room, 0)]
         if not answer:
             if self._mode(Stage.BODY) is Mode.SKIP:
                 return []
             return self._send(Stage.BODY, pb.BodyChunk(data=chunk), "body_chunk", {}, decide=False)
         return self._event(Stage.BODY, command, "body_chunk", pb.BodyChunk(data=chunk))
+
+    def _collect_header(self, header: pb.Header, size: int) -> None:
+        if self._headers_truncated or self._header_bytes + size > self.max_header_buffer:
+            self._headers_truncated = True
+            return
+        self._header_bytes += size
+        self._headers.append(header)
 
     def _end_of_message(self) -> pb.EndOfMessage:
         eom = pb.EndOfMessage(body_size=self._body_size)
@@ -351,6 +385,7 @@ class Session:
                 envelope.macros[name].values.update(self.macros.of(stage))
         if self.plan.eom_headers:
             eom.headers.extend(self._headers)
+            eom.headers_truncated = self._headers_truncated
         if self.plan.body is Body.BUFFERED:
             eom.body = bytes(self._body)
             eom.body_truncated = self._body_size > len(self._body)

@@ -9,7 +9,7 @@ end-of-message event.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from milter_bridge.protocol.constants import ActionFlag, MacroStage
@@ -132,6 +132,22 @@ class Plan:
     macro_lists: tuple[tuple[MacroStage, bytes], ...]
     rejected_recipients: bool
     header_leading_space: bool
+    # False for the stand-in used while no capabilities are known (see unavailable()).
+    available: bool = True
+
+    @classmethod
+    def unavailable(cls) -> Plan:
+        """The minimum to negotiate when the policy's capabilities are unknown.
+
+        Only CONNECT is asked for, so that the connect-stage failure action
+        decides the session: tempfail defers it, reject refuses it, accept lets
+        it through unfiltered (continue too: no other event is asked for).
+        """
+        modes = {stage.value: pb.EVENT_MODE_SKIP for stage in Stage}
+        modes[Stage.CONNECT.value] = pb.EVENT_MODE_DECIDE
+        caps = pb.Capabilities(events=pb.EventModes(**modes), body_delivery=pb.BODY_DELIVERY_NONE)
+        plan = cls.from_capabilities(caps)
+        return replace(plan, available=False)
 
     @classmethod
     def from_capabilities(cls, caps: pb.Capabilities, fingerprint: str = "") -> Plan:

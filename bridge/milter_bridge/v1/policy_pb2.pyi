@@ -867,6 +867,11 @@ class EndOfHeaders(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADERS_FIELD_NUMBER: _builtins.int
+    HEADERS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    headers_truncated: _builtins.bool
+    """True when the headers exceeded the bridge's header buffer limit and
+    `headers` holds only the first ones.
+    """
     @_builtins.property
     def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Header]:
         """All headers in message order, with HEADER_DELIVERY_BATCH; empty otherwise."""
@@ -875,10 +880,11 @@ class EndOfHeaders(_message.Message):
         self,
         *,
         headers: _abc.Iterable[Global___Header] | None = ...,
+        headers_truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "headers_truncated", b"headers_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1033,6 +1039,7 @@ class EndOfMessage(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     BODY_TRUNCATED_FIELD_NUMBER: _builtins.int
     BODY_SIZE_FIELD_NUMBER: _builtins.int
+    HEADERS_TRUNCATED_FIELD_NUMBER: _builtins.int
     body: _builtins.bytes
     """The body (lines end with CRLF), with BODY_DELIVERY_BUFFERED, up to
     Capabilities.body_limit.
@@ -1044,6 +1051,10 @@ class EndOfMessage(_message.Message):
     body_size: _builtins.int
     """The full body size in bytes as received from the MTA (also when not
     carried).
+    """
+    headers_truncated: _builtins.bool
+    """True when the headers exceeded the bridge's header buffer limit and
+    `headers` holds only the first ones.
     """
     @_builtins.property
     def envelope(self) -> Global___Envelope:
@@ -1061,10 +1072,11 @@ class EndOfMessage(_message.Message):
         body: _builtins.bytes = ...,
         body_truncated: _builtins.bool = ...,
         body_size: _builtins.int = ...,
+        headers_truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "body_size", b"body_size", "body_truncated", b"body_truncated", "envelope", b"envelope", "headers", b"headers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "body_size", b"body_size", "body_truncated", b"body_truncated", "envelope", b"envelope", "headers", b"headers", "headers_truncated", b"headers_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
