@@ -1,21 +1,40 @@
-"""The ``milter-bridge`` command.
+"""The ``milter-bridge`` command: flags -> Config -> the server.
 
-So far it can explain a policy's capabilities: what the bridge would
-negotiate with an MTA for them, by libmilter flag name. Serving MTAs
-(``--listen`` / ``--upstream``) comes with the runtime.
+    milter-bridge --listen inet:127.0.0.1:8890 --upstream policy:50051
+
+``--explain CAPS.json`` instead shows what would be negotiated with an MTA
+for a policy's capabilities, by libmilter flag name.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
 from pathlib import Path
 
 from google.protobuf import json_format
 
 from milter_bridge import __version__
+from milter_bridge.config import (
+    DEFAULT_DEADLINE,
+    DEFAULT_EOM_DEADLINE,
+    STAGES,
+    Config,
+    ConfigError,
+    default_deadlines,
+    default_failure_actions,
+    parse_deadlines,
+    parse_failure_actions,
+    parse_listen,
+)
+from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
+from milter_bridge.server.bridge import serve
+from milter_bridge.session import FailureAction
+from milter_bridge.session.machine import DEFAULT_MAX_BODY_BUFFER, DEFAULT_MAX_HEADER_BUFFER
 from milter_bridge.session.negotiation import NO_FLAG, negotiate
 from milter_bridge.session.plan import InvalidCapabilitiesError, Mode, Plan, Stage
 from milter_bridge.v1 import policy_pb2 as pb
@@ -60,29 +79,154 @@ def explain(path: Path, offer: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="milter-bridge",
         description="Speaks milter to Postfix and Sendmail, forwards SMTP events to gRPC policies.",
     )
-    parser.add_argument("--version", action="version", version=f"milter-bridge {__version__}")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--version", action="version", version=f"milter-bridge {__version__}")
+    add("--listen", metavar="SPEC", help="inet:HOST:PORT, inet6:[ADDR]:PORT or unix:/PATH")
+    add(
+        "--upstream",
+        metavar="TARGET",
+        help="the policy service: host:port, dns:///name:port, "
+        "ipv4:ADDR:PORT,ADDR:PORT or unix:/path (round_robin over the addresses)",
+    )
+    add("--socket-mode", metavar="OCTAL", help="permissions of the unix socket, e.g. 660")
+    add("--socket-group", metavar="GROUP", help="group of the unix socket, e.g. postfix")
+    add("--max-connections", type=int, default=1000, metavar="N")
+    add(
+        "--deadline",
+        action="append",
+        default=[],
+        metavar="[STAGE=]SECONDS",
+        help=f"how long the policy may take to answer (default {DEFAULT_DEADLINE:g}s, "
+        f"end_of_message {DEFAULT_EOM_DEADLINE:g}s); repeatable; stages: {', '.join(STAGES)}",
+    )
+    add(
+        "--failure-action",
+        action="append",
+        default=[],
+        metavar="[STAGE=]ACTION",
+        help="tempfail (default), reject, accept or continue, when the policy cannot answer",
+    )
+    add(
+        "--describe-wait",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long an MTA's negotiation waits for capabilities not yet fetched",
+    )
+    add("--describe-refresh", type=float, default=30.0, metavar="SECONDS")
+    add(
+        "--progress-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="SMFIR_PROGRESS while the policy works on end of message",
+    )
+    add(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long connections may finish after SIGTERM",
+    )
+    add("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET_SIZE, metavar="BYTES")
+    add(
+        "--max-body-buffer",
+        type=int,
+        default=DEFAULT_MAX_BODY_BUFFER,
+        metavar="BYTES",
+        help="most body bytes held for a policy that buffers the body",
+    )
+    add(
+        "--max-header-buffer",
+        type=int,
+        default=DEFAULT_MAX_HEADER_BUFFER,
+        metavar="BYTES",
+        help="most header bytes held for the policy per message",
+    )
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add(
         "--explain",
         metavar="CAPABILITIES.json",
         type=Path,
-        help="show what would be negotiated with an MTA for these capabilities (proto JSON)",
+        help="show what would be negotiated with an MTA for these capabilities and exit",
     )
-    parser.add_argument("--offer", choices=sorted(OFFERS), default="v6", help="the MTA's offer")
-    args = parser.parse_args(argv)
-    if args.explain is None:
-        parser.print_help()
-        return 2
+    add("--offer", choices=sorted(OFFERS), default="v6", help="the MTA offer for --explain")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """Raises ConfigError naming the flag."""
+    if not args.listen:
+        msg = "--listen: required, e.g. inet:127.0.0.1:8890 or unix:/run/milter-bridge.sock"
+        raise ConfigError(msg)
+    mode = None
+    if args.socket_mode is not None:
+        try:
+            mode = int(args.socket_mode, 8)
+        except ValueError:
+            msg = f"--socket-mode: {args.socket_mode!r} is not an octal mode like 660"
+            raise ConfigError(msg) from None
+    deadlines: dict[Stage, float] = default_deadlines()
+    deadlines.update(parse_deadlines(args.deadline))
+    actions: dict[Stage, FailureAction] = default_failure_actions()
+    actions.update(parse_failure_actions(args.failure_action))
+    return Config(
+        listen=parse_listen(args.listen),
+        upstream=args.upstream or "",
+        socket_mode=mode,
+        socket_group=args.socket_group,
+        max_connections=args.max_connections,
+        deadlines=deadlines,
+        failure_actions=actions,
+        describe_wait=args.describe_wait,
+        describe_refresh=args.describe_refresh,
+        progress_interval=args.progress_interval,
+        grace_period=args.grace_period,
+        max_packet_size=args.max_packet_size,
+        max_body_buffer=args.max_body_buffer,
+        max_header_buffer=args.max_header_buffer,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.explain is not None:
+        try:
+            print(explain(args.explain, args.offer))
+        except (OSError, json_format.ParseError, InvalidCapabilitiesError) as exc:
+            print(f"milter-bridge: --explain {args.explain}: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
-        print(explain(args.explain, args.offer))
-    except (OSError, json_format.ParseError, InvalidCapabilitiesError) as exc:
-        print(f"milter-bridge: --explain {args.explain}: {exc}", file=sys.stderr)
+        config = config_from(args)
+    except ConfigError as exc:
+        print(f"milter-bridge: {exc}", file=sys.stderr)
         return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        _run(config)
+    except OSError as exc:  # e.g. the listen address is taken
+        print(f"milter-bridge: --listen {config.listen}: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run(config: Config) -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found]  # noqa: PLC0415 - optional speed-up
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -209,6 +209,10 @@ class Session:
             return []
         return [SendToMta(encode(r.Progress()))]
 
+    def stream_lost(self) -> None:
+        """The policy stream was cancelled: the next event opens a new one, with `start`."""
+        self._stream_open = False
+
     def connection_lost(self) -> list[Output]:
         """The MTA closed the connection."""
         self.finished = True

@@ -1,0 +1,174 @@
+"""One Config object holding every setting, validated once, with errors that name the setting.
+
+Defaults and why:
+
+- Deadlines for the policy's answer stay below what the MTAs allow: Sendmail's
+  default milter timeouts are 10 s per read (T=R:10s) and 5 minutes from end of
+  message (E:5m); Postfix allows 30 s per command and 300 s per content read.
+  So 8 s per event and 120 s for end of message, during which the bridge sends
+  SMFIR_PROGRESS every 5 s (Sendmail's read timer restarts on each packet).
+- Failure action tempfail everywhere: a broken policy defers mail, never loses
+  or lets it through unless the operator says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeVar
+
+from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
+from milter_bridge.session import FailureAction, Stage
+from milter_bridge.session.machine import DEFAULT_MAX_BODY_BUFFER, DEFAULT_MAX_HEADER_BUFFER
+
+# Stages that can await the policy, by their names in the proto and on the command line.
+STAGES: dict[str, Stage] = {s.value: s for s in Stage if s is not Stage.ABORT}
+DEFAULT_DEADLINE = 8.0
+DEFAULT_EOM_DEADLINE = 120.0
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message starts with the setting's name."""
+
+
+class ListenKind(Enum):
+    INET = "inet"
+    INET6 = "inet6"
+    UNIX = "unix"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where the bridge accepts MTA connections."""
+
+    kind: ListenKind
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind is ListenKind.UNIX:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.kind is ListenKind.INET6 else self.host
+        return f"{self.kind.value}:{host}:{self.port}"
+
+
+_INET = re.compile(r"inet:(?P<host>[^:\[\]]+):(?P<port>\d+)")
+_INET6 = re.compile(r"inet6:\[(?P<host>[0-9A-Fa-f:.]+)\]:(?P<port>\d+)")
+
+
+def parse_listen(text: str) -> Listen:
+    """``inet:127.0.0.1:8890``, ``inet6:[::1]:8890`` or ``unix:/run/milter-bridge.sock``."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/"):
+            msg = f"--listen: {text!r}: the unix socket path must be absolute"
+            raise ConfigError(msg)
+        return Listen(ListenKind.UNIX, path=path)
+    match = _INET.fullmatch(text) or _INET6.fullmatch(text)
+    if match is None:
+        msg = f"--listen: {text!r} is not inet:HOST:PORT, inet6:[ADDRESS]:PORT or unix:/PATH"
+        raise ConfigError(msg)
+    port = int(match["port"])
+    if not 0 <= port <= 65535:
+        msg = f"--listen: port {port} is out of range"
+        raise ConfigError(msg)
+    kind = ListenKind.INET6 if text.startswith("inet6:") else ListenKind.INET
+    return Listen(kind, host=match["host"], port=port)
+
+
+def default_deadlines() -> dict[Stage, float]:
+    deadlines = dict.fromkeys(STAGES.values(), DEFAULT_DEADLINE)
+    deadlines[Stage.EOM] = DEFAULT_EOM_DEADLINE
+    return deadlines
+
+
+def default_failure_actions() -> dict[Stage, FailureAction]:
+    return dict.fromkeys(STAGES.values(), FailureAction.TEMPFAIL)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of one bridge process."""
+
+    listen: Listen
+    upstream: str
+    socket_mode: int | None = None
+    socket_group: str | None = None
+    max_connections: int = 1000
+    deadlines: Mapping[Stage, float] = field(default_factory=default_deadlines)
+    failure_actions: Mapping[Stage, FailureAction] = field(default_factory=default_failure_actions)
+    # How long an MTA's option negotiation may wait for capabilities not yet fetched.
+    describe_wait: float = 2.0
+    describe_refresh: float = 30.0
+    progress_interval: float = 5.0
+    grace_period: float = 30.0
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    max_body_buffer: int = DEFAULT_MAX_BODY_BUFFER
+    max_header_buffer: int = DEFAULT_MAX_HEADER_BUFFER
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _positive("--max-connections", self.max_connections)
+        for name in ("describe_wait", "describe_refresh", "progress_interval"):
+            _positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        if self.grace_period < 0:
+            msg = f"--grace-period: {self.grace_period} is negative"
+            raise ConfigError(msg)
+        _positive("--max-packet-size", self.max_packet_size)
+        _positive("--max-body-buffer", self.max_body_buffer)
+        _positive("--max-header-buffer", self.max_header_buffer)
+        for stage, seconds in self.deadlines.items():
+            _positive(f"--deadline {stage.value}", seconds)
+        if not self.upstream:
+            msg = "--upstream: a gRPC target is required, e.g. policy:50051 or dns:///policy:50051"
+            raise ConfigError(msg)
+        if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
+            msg = f"--socket-mode: {self.socket_mode:o} is not a permission mode"
+            raise ConfigError(msg)
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            msg = f"--log-level: {self.log_level!r} is not debug, info, warning or error"
+            raise ConfigError(msg)
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        msg = f"{name}: {value} must be greater than 0"
+        raise ConfigError(msg)
+
+
+def _staged(
+    flag: str, values: list[str], convert: Callable[[str], _T], kinds: str
+) -> dict[Stage, _T]:
+    """``[STAGE=]VALUE`` items: without a stage the value applies to every stage, in order."""
+    out: dict[Stage, _T] = {}
+    for item in values:
+        stage_name, sep, raw = item.rpartition("=")
+        stages = list(STAGES.values())
+        if sep:
+            if stage_name not in STAGES:
+                msg = f"{flag}: unknown stage {stage_name!r} (one of {', '.join(STAGES)})"
+                raise ConfigError(msg)
+            stages = [STAGES[stage_name]]
+        try:
+            value = convert(raw)
+        except (KeyError, ValueError):
+            msg = f"{flag}: {raw!r} is not {kinds}"
+            raise ConfigError(msg) from None
+        for stage in stages:
+            out[stage] = value
+    return out
+
+
+def parse_deadlines(values: list[str]) -> dict[Stage, float]:
+    return _staged("--deadline", values, float, "a number of seconds")
+
+
+def parse_failure_actions(values: list[str]) -> dict[Stage, FailureAction]:
+    def convert(raw: str) -> FailureAction:
+        return FailureAction[raw.upper()]
+
+    return _staged("--failure-action", values, convert, "tempfail, reject, accept or continue")

@@ -1,0 +1,1 @@
+"""The asyncio side: listeners, MTA connections, signals, graceful drain."""

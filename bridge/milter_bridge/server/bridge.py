@@ -1,0 +1,139 @@
+"""The bridge process: listener, connections, capabilities, channel; start, serve, drain.
+
+SIGTERM (or SIGINT) stops accepting at once and lets the connections in
+flight finish their SMTP sessions for up to ``grace_period`` seconds; those
+still open then are closed, and their MTAs apply their own milter default
+action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import itertools
+import logging
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+from milter_bridge.config import Config, ListenKind
+from milter_bridge.server.connection import MtaConnection
+from milter_bridge.upstream.capabilities import CapabilitiesCache
+from milter_bridge.upstream.channel import make_channel, make_stub
+
+log = logging.getLogger("milter_bridge")
+
+
+class Bridge:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        self.channel = make_channel(self.config.upstream)
+        self.stub = make_stub(self.channel)
+        self.capabilities = CapabilitiesCache(self.stub, self.config.describe_refresh)
+        self.capabilities.start()
+        listen = self.config.listen
+        if listen.kind is ListenKind.UNIX:
+            self._server = await self._start_unix(Path(listen.path))
+        else:
+            self._server = await asyncio.start_server(
+                self._accept, listen.host, listen.port, reuse_address=True
+            )
+        log.info("listening on %s, policy at %s", self.address, self.config.upstream)
+
+    @property
+    def address(self) -> str:
+        """The listen address with the real port (when the configured port was 0)."""
+        listen = self.config.listen
+        if listen.kind is ListenKind.UNIX or self._server is None:
+            return str(listen)
+        port = self._server.sockets[0].getsockname()[1]
+        host = f"[{listen.host}]" if listen.kind is ListenKind.INET6 else listen.host
+        return f"{listen.kind.value}:{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        return len(self._tasks)
+
+    async def _start_unix(self, path: Path) -> asyncio.Server:
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                msg = f"--listen: {path} exists and is not a socket"
+                raise FileExistsError(msg)
+            path.unlink()  # a stale socket of an earlier run
+        server = await asyncio.start_unix_server(self._accept, str(path))
+        if self.config.socket_group is not None:
+            os.chown(path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
+        if self.config.socket_mode is not None:
+            path.chmod(self.config.socket_mode)
+        return server
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn_id = f"{self._prefix}.{next(self._ids)}"
+        if self._stopping or len(self._tasks) >= self.config.max_connections:
+            why = "shutting down" if self._stopping else f"{len(self._tasks)} connections open"
+            log.warning("conn=%s: refused: %s (the MTA applies its default action)", conn_id, why)
+            writer.close()
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            connection = MtaConnection(
+                conn_id, reader, writer, self.config, self.capabilities, self.stub
+            )
+            await connection.run()
+        finally:
+            self._tasks.discard(task)
+
+    async def stop(self) -> None:
+        """Stop accepting, let connections finish within the grace period, then close the rest."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self._tasks:
+            log.info(
+                "draining %d connections (up to %gs)", len(self._tasks), self.config.grace_period
+            )
+            _, left = await asyncio.wait(list(self._tasks), timeout=self.config.grace_period)
+            if left:
+                log.warning("closing %d connections still open after the grace period", len(left))
+                for task in left:
+                    task.cancel()
+                await asyncio.wait(left, timeout=5)
+        await self.capabilities.stop()
+        await self.channel.close(None)
+        if self.config.listen.kind is ListenKind.UNIX:
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.config.listen.path).unlink()
+        log.info("stopped")
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT."""
+    bridge = Bridge(config)
+    await bridge.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: no new connections")
+    await bridge.stop()

@@ -1,0 +1,196 @@
+"""One MTA connection: socket -> session -> policy stream -> socket.
+
+The session decides everything; this module only moves bytes and messages,
+keeps time, and applies the failure action when the policy cannot answer:
+unreachable, slower than the stage's deadline, a broken or refused stream,
+or an answer the session refuses. After a failure the stream is cancelled;
+the next event that must be sent opens a new one (it starts mid-session).
+
+All replies to one read from the MTA go out in one write: libmilter's two
+writes at end of message cost ~40 ms a message through Nagle and delayed ACK.
+Nothing is read from the MTA while the policy is deciding, as in libmilter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import MutableMapping
+from typing import Any
+
+import grpc
+
+from milter_bridge.config import Config
+from milter_bridge.protocol.errors import InvalidAnswer, ProtocolError
+from milter_bridge.session import EndPolicyStream, Output, Plan, SendToMta, SendToPolicy, Session
+from milter_bridge.upstream.capabilities import CapabilitiesCache
+from milter_bridge.upstream.stream import PolicyStream, StreamFailure
+from milter_bridge.v1 import policy_pb2_grpc
+
+READ_SIZE = 1 << 16
+log = logging.getLogger("milter_bridge.connection")
+
+
+class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the connection and, once known, the MTA's queue id."""
+
+    def __init__(self, conn_id: str) -> None:
+        super().__init__(log, {})
+        self.conn_id = conn_id
+        self.session: Session | None = None
+
+    def process(
+        self, msg: object, kwargs: MutableMapping[str, Any]
+    ) -> tuple[object, MutableMapping[str, Any]]:
+        qid = self.session.queue_id if self.session is not None else None
+        prefix = f"conn={self.conn_id}" + (f" qid={qid}" if qid else "")
+        return f"{prefix}: {msg}", kwargs
+
+
+class MtaConnection:
+    def __init__(  # noqa: PLR0917 - one connection's collaborators
+        self,
+        conn_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        config: Config,
+        capabilities: CapabilitiesCache,
+        stub: policy_pb2_grpc.PolicyServiceAsyncStub,
+    ) -> None:
+        self.conn_id = conn_id
+        self._reader = reader
+        self._writer = writer
+        self._config = config
+        self._capabilities = capabilities
+        self._stub = stub
+        self.log = ConnectionLog(conn_id)
+        self._stream: PolicyStream | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self.session: Session | None = None
+
+    async def run(self) -> None:
+        try:
+            await self._serve()
+        except ProtocolError as exc:
+            self.log.warning("closing the connection: the MTA broke the protocol: %s", exc)
+        except (ConnectionError, TimeoutError) as exc:
+            self.log.info("connection lost: %s", exc or type(exc).__name__)
+        finally:
+            if self._stream is not None:
+                self._stream.cancel()
+            if self._closing:
+                await asyncio.wait(self._closing)
+            self._writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._writer.wait_closed()
+
+    async def _serve(self) -> None:
+        data = await self._reader.read(READ_SIZE)
+        if not data:
+            return
+        plan = await self._capabilities.plan(self._config.describe_wait)
+        if plan is None:
+            self.log.warning("no policy capabilities known: negotiating the minimum")
+            plan = Plan.unavailable()
+        config = self._config
+        session = Session(
+            plan,
+            connection_id=self.conn_id,
+            max_packet_size=config.max_packet_size,
+            max_body_buffer=config.max_body_buffer,
+            max_header_buffer=config.max_header_buffer,
+        )
+        self.session = self.log.session = session
+        self.log.debug("connected")
+        while data:
+            await self._carry_out(session.feed(data))
+            while session.pending is not None:
+                await self._await_policy(session)
+            if session.finished:
+                break
+            data = await self._reader.read(READ_SIZE)
+        else:
+            if session.decoder.frames.buffered:
+                self.log.warning(
+                    "the MTA closed the connection inside a packet (%d bytes of it read)",
+                    session.decoder.frames.buffered,
+                )
+            await self._carry_out(session.connection_lost())
+        self.log.debug("closed")
+
+    async def _carry_out(self, outputs: list[Output]) -> None:
+        to_mta = bytearray()
+        for output in outputs:
+            if isinstance(output, SendToMta):
+                to_mta += output.data
+            elif isinstance(output, SendToPolicy):
+                if self.session is not None and self.session.plan.available:
+                    if self._stream is None:
+                        self._stream = PolicyStream(self._stub, self.log)
+                    await self._stream.send(output.request)
+            elif isinstance(output, EndPolicyStream) and self._stream is not None:
+                task = asyncio.create_task(self._stream.close(), name="stream-close")
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                self._stream = None
+        if to_mta:
+            self._writer.write(to_mta)
+            await self._writer.drain()
+
+    async def _await_policy(self, session: Session) -> None:
+        pending = session.pending
+        assert pending is not None
+        stage = pending.stage
+        if self._stream is None:
+            # Nothing could be sent: no capabilities known (or nothing to send on).
+            await self._fail(session, "no policy capabilities known")
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.deadlines[stage]
+        progress_every = self._config.progress_interval
+        next_progress = loop.time() + progress_every
+        while session.pending is pending:
+            now = loop.time()
+            if now >= deadline:
+                await self._fail(session, f"no answer within {self._config.deadlines[stage]:g}s")
+                return
+            wait = (
+                min(deadline, next_progress) - now
+                if stage.value == "end_of_message"
+                else deadline - now
+            )
+            try:
+                response = await self._stream.receive(wait)
+            except TimeoutError:
+                if loop.time() >= next_progress and session.pending is pending:
+                    await self._carry_out(session.progress())
+                    next_progress = loop.time() + progress_every
+                continue
+            except StreamFailure as exc:
+                if exc.code is grpc.StatusCode.FAILED_PRECONDITION:
+                    self._capabilities.refresh_now()
+                await self._fail(session, str(exc))
+                return
+            try:
+                outputs = session.answer(response)
+            except InvalidAnswer as exc:
+                await self._fail(session, f"invalid answer: {exc}")
+                return
+            await self._carry_out(outputs)
+
+    async def _fail(self, session: Session, reason: str) -> None:
+        pending = session.pending
+        assert pending is not None
+        action = self._config.failure_actions[pending.stage]
+        self.log.warning(
+            "policy failure at %s: %s; answering %s",
+            pending.stage.value,
+            reason,
+            action.name.lower(),
+        )
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+        session.stream_lost()
+        await self._carry_out(session.fail(action))

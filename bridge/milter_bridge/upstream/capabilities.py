@@ -1,0 +1,102 @@
+"""The policy's capabilities: fetched at start, refreshed, waited for only briefly.
+
+An MTA's option negotiation cannot wait long, so ``plan()`` returns the
+cached plan at once and, before the first successful fetch, waits at most the
+given bound; ``None`` then tells the connection to negotiate the minimum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+import grpc.aio
+
+from milter_bridge import __version__
+from milter_bridge.session.plan import InvalidCapabilitiesError, Plan
+from milter_bridge.v1 import policy_pb2 as pb
+from milter_bridge.v1 import policy_pb2_grpc
+
+log = logging.getLogger("milter_bridge.upstream")
+
+DESCRIBE_TIMEOUT = 5.0
+FIRST_RETRY = 0.2
+
+
+class CapabilitiesCache:
+    """Keeps the current Plan, refreshing it every ``refresh`` seconds."""
+
+    def __init__(self, stub: policy_pb2_grpc.PolicyServiceAsyncStub, refresh: float) -> None:
+        self._stub = stub
+        self._refresh = refresh
+        self._plan: Plan | None = None
+        self._ready = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._problem: str | None = None
+
+    @property
+    def current(self) -> Plan | None:
+        return self._plan
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="describe")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def refresh_now(self) -> None:
+        """Fetch again at once (a stream was refused with FAILED_PRECONDITION)."""
+        self._wakeup.set()
+
+    async def plan(self, wait: float) -> Plan | None:
+        if self._plan is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), wait)
+        return self._plan
+
+    async def _run(self) -> None:
+        retry = FIRST_RETRY
+        while True:
+            delay = self._refresh
+            try:
+                await self._fetch()
+                retry = FIRST_RETRY
+            except (grpc.aio.AioRpcError, InvalidCapabilitiesError) as exc:
+                self._report(exc)
+                if self._plan is None:
+                    delay, retry = retry, min(retry * 2, self._refresh)
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), delay)
+
+    async def _fetch(self) -> None:
+        request = pb.DescribeRequest(bridge_version=__version__)
+        response = await self._stub.Describe(request, timeout=DESCRIBE_TIMEOUT)
+        plan = Plan.from_capabilities(response.capabilities, response.fingerprint)
+        if self._plan is None or plan.capabilities != self._plan.capabilities:
+            log.info(
+                "policy capabilities %s (fingerprint %r)",
+                "received" if self._plan is None else "changed",
+                plan.fingerprint,
+            )
+        elif self._problem is not None:
+            log.info("policy capabilities fetched again")
+        self._problem = None
+        self._plan = plan
+        self._ready.set()
+
+    def _report(self, exc: Exception) -> None:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            problem = f"Describe failed: {exc.code().name}: {exc.details()}"
+        else:
+            problem = f"the policy's capabilities are invalid: {exc}"
+        if problem != self._problem:  # once per change, not once per retry
+            state = "keeping the previous ones" if self._plan else "none known yet"
+            log.warning("%s (%s)", problem, state)
+        self._problem = problem
