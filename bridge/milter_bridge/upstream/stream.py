@@ -60,7 +60,8 @@ class PolicyStream:
     def _open(self) -> None:
         self._attempts += 1
         self._queue = asyncio.Queue()
-        call = self._stub.Process(None)  # requests are written one by one
+        # wait_for_ready: a policy restarting rides through; the stage deadline bounds the wait.
+        call = self._stub.Process(None, wait_for_ready=True)  # requests are written one by one
         self._call = call
         self._reader = asyncio.create_task(self._read(call), name="policy-reader")
 
