@@ -140,6 +140,7 @@ def test_all_replies_to_one_command_are_one_write() -> None:
             b"550-5.7.1 first\r\n550-5.7.1 second\r\n550 5.7.1 last",
         ),
         (pb.SmtpReply(code=550, lines=["a", "b"]), b"550-a\r\n550 b"),
+        (pb.SmtpReply(code=550, enhanced_code="5.7.1", lines=["5 tries"]), b"550 5.7.1 5 tries"),
     ],
 )
 def test_custom_reply_formatting(reply: pb.SmtpReply, text: bytes) -> None:
@@ -162,6 +163,14 @@ def test_custom_reply_formatting(reply: pb.SmtpReply, text: bytes) -> None:
         (pb.ACTION_REJECT, pb.SmtpReply(code=550, lines=["x"] * 33), "1 to 32 lines"),
         (pb.ACTION_REJECT, pb.SmtpReply(code=550, lines=["a\r\n550 b"]), "CR, LF or NUL"),
         (pb.ACTION_REJECT, pb.SmtpReply(code=550, lines=["x" * 981]), "longer than 980"),
+        (pb.ACTION_TEMPFAIL, pb.SmtpReply(code=451, lines=["5 minutes"]), "starts with a digit"),
+        (pb.ACTION_REJECT, pb.SmtpReply(code=550, lines=["caf\u00e9"]), "printable US-ASCII"),
+        (pb.ACTION_REJECT, pb.SmtpReply(code=550, lines=["\x1b[31mred"]), "printable US-ASCII"),
+        (
+            pb.ACTION_REJECT,
+            pb.SmtpReply(code=550, enhanced_code="5.\u0667.1", lines=["x"]),
+            "5.x.y",
+        ),
         (pb.ACTION_CONTINUE, pb.SmtpReply(code=550, lines=["x"]), "REJECT or TEMPFAIL"),
         (pb.ACTION_UNSPECIFIED, None, "not a valid Action"),
     ],

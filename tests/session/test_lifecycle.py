@@ -243,3 +243,31 @@ def test_an_mta_that_does_not_wait_is_cut_off() -> None:
     mta.send(*h.connect())
     with pytest.raises(ProtocolError, match="without waiting"):
         mta.send(*[cmd.Helo(b"x")] * 17)
+    assert mta.session.finished  # nothing more is read from this connection
+
+
+def test_unknown_command_inside_a_message_keeps_it_going() -> None:
+    # Postfix sends UNKNOWN inside a transaction too; libmilter's UNKN state cannot
+    # reach HDRS/EOHS/ENDM and would leave end of message unanswered.
+    caps = h.eom_only()
+    caps.events.unknown = OBSERVE
+    mta = Mta(caps)
+    mta.send(*h.connect(), *h.helo(), *h.mail(), *h.rcpt(), cmd.Unknown(b"XFOO"))
+    mta.send(cmd.Header(b"Subject", b"hi"), cmd.Body(b"b\r\n"))
+    assert mta.send(*h.eom()) == []
+    assert mta.events() == ["start", "unknown", "end_of_message"]
+    eom = mta.last().end_of_message
+    assert [hd.name for hd in eom.headers] == ["Subject"]
+    assert eom.body == b"b\r\n"
+    assert mta.verdict(pb.ACTION_ACCEPT) == [r.Accept()]
+
+
+def test_unknown_inside_a_message_then_mail_aborts_it() -> None:
+    mta = Mta(h.capabilities(DECIDE, abort=OBSERVE))
+    mta.send(*h.connect())
+    for commands in (h.mail(), h.rcpt(), [cmd.Unknown(b"XFOO")]):
+        mta.verdict(pb.ACTION_CONTINUE)
+        mta.send(*commands)
+    mta.verdict(pb.ACTION_CONTINUE)
+    mta.send(*h.mail(b"<again@x>"))
+    assert mta.events()[-2:] == ["abort", "mail_from"]

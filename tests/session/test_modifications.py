@@ -108,6 +108,11 @@ def test_delete_recipient_by_raw_bytes() -> None:
         (M(change_sender=pb.ChangeSender(address="<a\0@x>")), "forbidden"),
         (M(quarantine=pb.Quarantine(reason="")), "empty"),
         (M(delete_recipient=pb.DeleteRecipient(address_raw=b"<a@x>\n")), "NUL, CR or LF"),
+        (M(add_header=pb.AddHeader(name="X", value=b"\n leading fold")), "does not fold"),
+        (M(add_header=pb.AddHeader(name="X", value=b"a\n \n b")), "empty folded line"),
+        (M(add_header=pb.AddHeader(name="X", value=b"a\n ")), "empty folded line"),
+        (M(add_header=pb.AddHeader(name="X", value=b"bell\x07")), "control characters"),
+        (M(add_header=pb.AddHeader(name="X", value=b"del\x7f")), "control characters"),
         (M(), "nothing set"),
     ],
 )
@@ -143,7 +148,9 @@ def test_two_body_replacements_are_refused() -> None:
 def test_modification_needs_its_action(allowed: str, mod: pb.Modification) -> None:
     caps = h.capabilities(h.DECIDE, actions=pb.Actions(**{allowed: True}))
     finish([mod], caps)  # granted: fine
-    others = pb.Actions(**{f.name: f.name != allowed for f in pb.Actions.DESCRIPTOR.fields})
+    # ADDRCPT_PAR can add a recipient without arguments too (smfi_addrcpt_par with NULL).
+    siblings = {allowed, "add_recipient_with_args"} if allowed == "add_recipient" else {allowed}
+    others = pb.Actions(**{f.name: f.name not in siblings for f in pb.Actions.DESCRIPTOR.fields})
     with pytest.raises(InvalidAnswer, match="which was not negotiated"):
         finish([mod], h.capabilities(h.DECIDE, actions=others))
 
@@ -177,3 +184,16 @@ def test_end_of_message_answer_needs_a_verdict() -> None:
     finish_skip = pb.EndOfMessageResponse(verdict=pb.Verdict(action=pb.ACTION_SKIP))
     with pytest.raises(InvalidAnswer, match="SKIP is only valid"):
         mta.answer(pb.ProcessResponse(sequence=mta.pending_sequence(), end_of_message=finish_skip))
+
+
+def test_add_recipient_with_only_addrcpt_par_granted() -> None:
+    caps = h.capabilities(h.DECIDE, actions=pb.Actions(add_recipient_with_args=True))
+    mod = M(add_recipient=pb.AddRecipient(address="<a@x>"))
+    assert finish([mod], caps)[0] == r.AddRecipientWithArgs(b"<a@x>", None)
+
+
+def test_eight_bit_header_values_pass_unchanged() -> None:
+    value = "Grüße\n\tnext".encode()
+    assert finish([M(add_header=pb.AddHeader(name="X", value=value))])[0] == r.AddHeader(
+        b"X", value
+    )

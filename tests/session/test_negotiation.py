@@ -199,3 +199,10 @@ def test_never_more_than_offered(
 def test_invalid_capabilities_name_the_field(caps: pb.Capabilities, message: str) -> None:
     with pytest.raises(InvalidCapabilitiesError, match=message):
         Plan.from_capabilities(caps)
+
+
+def test_rejected_recipients_keep_rcpt_mailer_in_a_custom_list() -> None:
+    caps = capabilities(
+        rcpt_to=DECIDE, rejected_recipients=True, macros=pb.MacroRequest(rcpt_to=["rcpt_addr"])
+    )
+    assert (MacroStage.SMFIM_ENVRCPT, b"{rcpt_addr} {rcpt_mailer}") in reply_to(caps).macros

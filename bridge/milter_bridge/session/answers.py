@@ -37,9 +37,13 @@ MAX_HEADER_NAME = 997  # RFC 5322 line limit less ": "
 MAX_HEADER_VALUE = 65535  # one packet; Postfix cuts headers at header_size_limit (100 KB)
 MAX_ADDRESS = 4096
 
-_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+_REPLY_TEXT = re.compile(r"[\t\x20-\x7e]*")  # RFC 5321 textstring: printable US-ASCII and tab
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # printable ASCII without ':'
+# A LF not followed by a space or tab, or a bare CR: either would start a new header line.
 _FOLD = re.compile(rb"\r?\n(?![ \t])|\r(?!\n)")
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_EMPTY_FOLD = re.compile(rb"\n[ \t]*(\n|$)")
 
 _NO_DISCARD = frozenset({Stage.CONNECT, Stage.HELO, Stage.UNKNOWN})
 
@@ -64,6 +68,12 @@ def format_reply(stage: Stage, reply: pb.SmtpReply, klass: str) -> bytes:
     for n, line in enumerate(lines):
         if any(ch in line for ch in "\r\n\0"):
             raise _fail(stage, f"reply line {n + 1} contains CR, LF or NUL: {line!r}")
+        if not _REPLY_TEXT.fullmatch(line):
+            raise _fail(stage, f"reply line {n + 1} is not printable US-ASCII: {line!r}")
+        if not xcode and line[:1].isdigit():
+            # Postfix reads a digit after the code as an enhanced code whose class must
+            # match, and drops the milter over a mismatch.
+            raise _fail(stage, f"reply line {n + 1} starts with a digit; set enhanced_code")
         # Sendmail uses the text as a format string; Postfix turns %% back into %.
         text = line.replace("%", "%%")
         if len(text.encode()) > MAX_REPLY_LINE:
@@ -106,8 +116,12 @@ def verdict_replies(stage: Stage, verdict: pb.Verdict, *, skip: bool) -> list[r.
 def header_value(stage: Stage, value: bytes) -> bytes:
     """A header value as milter wants it: folds as LF + whitespace, no other CR or LF."""
     value = value.replace(b"\r\n", b"\n")
-    if b"\0" in value or _FOLD.search(value) or value.endswith(b"\n"):
+    if b"\0" in value or _FOLD.search(value) or value.startswith(b"\n"):
         raise _fail(stage, f"header value has NUL or a CR/LF that does not fold: {value[:80]!r}")
+    if _CONTROL.search(value) or _EMPTY_FOLD.search(value):
+        raise _fail(
+            stage, f"header value has control characters or an empty folded line: {value[:80]!r}"
+        )
     if len(value) > MAX_HEADER_VALUE:
         raise _fail(stage, f"header value of {len(value)} bytes exceeds {MAX_HEADER_VALUE}")
     return value
@@ -179,19 +193,21 @@ def _delete_header(m: pb.Modification, granted: ActionFlag) -> _Replies:
 def _add_recipient(m: pb.Modification, granted: ActionFlag) -> _Replies:
     rc = m.add_recipient
     address = _token(_STAGE, "recipient", rc.address)
-    if rc.esmtp_args:
-        _need(_STAGE, granted, _A.SMFIF_ADDRCPT_PAR, "add_recipient with esmtp_args")
-        return [r.AddRecipientWithArgs(address, _args(_STAGE, list(rc.esmtp_args)))]
-    _need(_STAGE, granted, _A.SMFIF_ADDRCPT, "add_recipient")
-    return [r.AddRecipient(address)]
+    if not rc.esmtp_args and granted & _A.SMFIF_ADDRCPT:
+        return [r.AddRecipient(address)]
+    # With arguments, or when only ADDRCPT_PAR was granted (args then omitted, as
+    # smfi_addrcpt_par sends NULL args).
+    what = "add_recipient with esmtp_args" if rc.esmtp_args else "add_recipient"
+    _need(_STAGE, granted, _A.SMFIF_ADDRCPT_PAR, what)
+    return [r.AddRecipientWithArgs(address, _args(_STAGE, list(rc.esmtp_args)))]
 
 
 def _delete_recipient(m: pb.Modification, granted: ActionFlag) -> _Replies:
     _need(_STAGE, granted, _A.SMFIF_DELRCPT, "delete_recipient")
     d = m.delete_recipient
     raw = d.address_raw or _token(_STAGE, "recipient", d.address)
-    if b"\0" in raw or b"\r" in raw or b"\n" in raw:
-        raise _fail(_STAGE, "delete_recipient address_raw contains NUL, CR or LF")
+    if b"\0" in raw or b"\r" in raw or b"\n" in raw or len(raw) > MAX_ADDRESS:
+        raise _fail(_STAGE, "delete_recipient address_raw contains NUL, CR or LF, or is too long")
     return [r.DeleteRecipient(raw)]
 
 

@@ -149,11 +149,17 @@ class Session:
     def feed(self, data: bytes) -> list[Output]:
         """Bytes from the MTA; raises ProtocolError when the connection must be closed."""
         out: list[Output] = []
-        for command in self.decoder.feed(data):
+        try:
+            commands = self.decoder.feed(data)
+        except ProtocolError:
+            self.finished = True
+            raise
+        for command in commands:
             if self.finished:
                 break
             if self.pending is not None:
                 if len(self._queue) >= MAX_QUEUED_COMMANDS:
+                    self.finished = True
                     msg = f"MTA sent {len(self._queue) + 1} commands without waiting for an answer"
                     raise ProtocolError(msg)
                 self._queue.append(command)
@@ -285,7 +291,8 @@ class Session:
             self.state = State.HELO
             if not transition_ok(State.HELO, new, self._skippable):
                 return out  # libmilter ignores it, without a reply
-        self.state = new
+        if new is not State.UNKN:  # UNKNOWN leaves the state as it is (see states.py)
+            self.state = new
         return out + self._dispatch(command)
 
     def _dispatch(self, command: cmd.MtaCommand) -> list[Output]:  # noqa: PLR0911, PLR0912

@@ -187,6 +187,9 @@ class Plan:
         lists = []
         for field, stage in MACRO_STAGES.items():
             names = [macro_wire_name(n) for n in getattr(caps.macros, field)]
+            if names and field == "rcpt_to" and caps.rejected_recipients:
+                # RcptTo.rejected is told by {rcpt_mailer}; a list replaces the MTA's default.
+                names.append("{rcpt_mailer}")
             if names:
                 lists.append((stage, " ".join(dict.fromkeys(names)).encode()))
         return cls(

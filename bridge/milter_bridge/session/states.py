@@ -6,10 +6,17 @@ tried as if the state were HELO, and if it cannot follow HELO either it is
 ignored without any reply. Only QUIT always ends the session (it carries
 CT_END). States a milter opted out of (NO* flags) may be passed over.
 
-One deliberate difference: libmilter lets QUIT_NC follow only end of message
-or UNKNOWN and would ignore it, and then the next CONNECT, anywhere else. No
-MTA sends QUIT_NC today; the bridge accepts it in every state so that a new
-session can always start.
+Two deliberate differences:
+
+- libmilter lets QUIT_NC follow only end of message or UNKNOWN and would
+  ignore it, and then the next CONNECT, anywhere else. No MTA sends QUIT_NC
+  today; the bridge accepts it in every state so that a new session can
+  always start.
+- UNKNOWN is checked against the table but does not change the state. In
+  libmilter it moves to UNKN, from which headers, end of headers and end of
+  message cannot follow: an unknown SMTP command inside a transaction (Postfix
+  sends those) would make libmilter drop the rest of the message and leave
+  end of message unanswered until the MTA times out.
 """
 
 from __future__ import annotations

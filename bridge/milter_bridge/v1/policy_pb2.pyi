@@ -287,8 +287,10 @@ Global___DescribeResponse: _TypeAlias = DescribeResponse  # noqa: Y015
 
 @_typing.final
 class EventModes(_message.Message):
-    """The mode of each event. Every field must be set: EVENT_MODE_UNSPECIFIED
-    makes the capabilities invalid, and the bridge names the field in its error.
+    """The mode of each event. Every field of v1.0 must be set:
+    EVENT_MODE_UNSPECIFIED makes the capabilities invalid, and the bridge names
+    the field in its error. Event fields added later in v1 treat
+    EVENT_MODE_UNSPECIFIED as SKIP, so existing policies stay valid.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -379,7 +381,9 @@ class Actions(_message.Message):
     add_recipient: _builtins.bool
     """AddRecipient without ESMTP arguments (milter SMFIF_ADDRCPT)."""
     add_recipient_with_args: _builtins.bool
-    """AddRecipient with ESMTP arguments (milter SMFIF_ADDRCPT_PAR; v6)."""
+    """AddRecipient with ESMTP arguments (milter SMFIF_ADDRCPT_PAR; v6); also
+    enough for AddRecipient without arguments.
+    """
     delete_recipient: _builtins.bool
     """DeleteRecipient (milter SMFIF_DELRCPT)."""
     change_sender: _builtins.bool
@@ -612,8 +616,11 @@ class Negotiated(_message.Message):
 
     @_builtins.property
     def events(self) -> Global___EventModes:
-        """Whether the MTA delivers the events with the modes asked for; events the
-        MTA cannot provide are SKIP here.
+        """The mode each event reaches the policy with: as asked for, except that
+        events the MTA cannot provide (DATA before version 4, UNKNOWN before
+        version 3) are SKIP, and that with HEADER_DELIVERY_BATCH `header` is SKIP
+        and `end_of_headers` has the stronger of the two modes (the headers come
+        in end_of_headers).
         """
 
     def __init__(
@@ -1049,8 +1056,9 @@ class EndOfMessage(_message.Message):
     first part.
     """
     body_size: _builtins.int
-    """The full body size in bytes as received from the MTA (also when not
-    carried).
+    """The body bytes the MTA sent: the full size with BODY_DELIVERY_STREAM or
+    BUFFERED (up to a `skip` verdict), 0 with BODY_DELIVERY_NONE (the MTA is
+    told not to send the body then).
     """
     headers_truncated: _builtins.bool
     """True when the headers exceeded the bridge's header buffer limit and
@@ -1176,7 +1184,8 @@ class ProcessRequest(_message.Message):
     @_builtins.property
     def macros(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The macros the MTA sent for this event's stage, by name without braces.
-        Headers and body chunks have no stage of their own and carry none.
+        `start`, header, body_chunk, unknown and abort have no stage of their own
+        and carry none.
         """
 
     @_builtins.property
