@@ -271,3 +271,15 @@ def test_unknown_inside_a_message_then_mail_aborts_it() -> None:
     mta.verdict(pb.ACTION_CONTINUE)
     mta.send(*h.mail(b"<again@x>"))
     assert mta.events()[-2:] == ["abort", "mail_from"]
+
+
+def test_message_without_headers_still_gets_its_end_of_message() -> None:
+    # Found by the model MTA: wants headers (for end of message) but not EOH.
+    caps = h.eom_only()
+    caps.body_delivery = pb.BODY_DELIVERY_NONE
+    caps.events.data = OBSERVE
+    mta = Mta(caps)
+    mta.send(*h.connect(), *h.mail(), *h.rcpt(), cmd.Data())
+    assert mta.send(*h.eom()) == []
+    assert mta.last().WhichOneof("event") == "end_of_message"
+    assert mta.verdict(pb.ACTION_CONTINUE) == [r.Continue()]

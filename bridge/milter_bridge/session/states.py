@@ -6,7 +6,7 @@ tried as if the state were HELO, and if it cannot follow HELO either it is
 ignored without any reply. Only QUIT always ends the session (it carries
 CT_END). States a milter opted out of (NO* flags) may be passed over.
 
-Two deliberate differences:
+Three deliberate differences:
 
 - libmilter lets QUIT_NC follow only end of message or UNKNOWN and would
   ignore it, and then the next CONNECT, anywhere else. No MTA sends QUIT_NC
@@ -17,6 +17,10 @@ Two deliberate differences:
   message cannot follow: an unknown SMTP command inside a transaction (Postfix
   sends those) would make libmilter drop the rest of the message and leave
   end of message unanswered until the MTA times out.
+- Headers and body chunks may legitimately occur zero times, so their states
+  can always be passed over, not only when opted out of. libmilter drops end
+  of message after DATA for a milter that wants headers but not end of
+  headers when the message has no header at all.
 """
 
 from __future__ import annotations
@@ -103,8 +107,13 @@ def in_mail(state: State) -> bool:
     return S.MAIL <= state < S.ENDM
 
 
+# States that may occur zero times in a message.
+OPTIONAL = frozenset({S.HDRS, S.BODY})
+
+
 def transition_ok(current: State, new: State, skippable: frozenset[State]) -> bool:
-    """trans_ok(): ``new`` may follow ``current``, passing over opted-out states."""
+    """trans_ok(): ``new`` may follow ``current``, passing over opted-out and optional states."""
+    skippable = skippable | OPTIONAL
     st = current
     while True:
         if NEXT[st] & (1 << new):
