@@ -44,6 +44,8 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
         self.decide: Decide = always_continue
         self.streams: list[Recorded] = []
         self.describe_calls = 0
+        # Called with every request before it is handled (e.g. to be slow).
+        self.on_request: Callable[[pb.ProcessRequest], Awaitable[None]] | None = None
         # Hooks for failure tests.
         self.refuse_streams = False
         self.end_stream_after_start = False
@@ -65,6 +67,8 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
         self.streams.append(record)
         try:
             async for request in request_iterator:
+                if self.on_request is not None:
+                    await self.on_request(request)
                 record.requests.append(request)
                 if request.HasField("start"):
                     if self.refuse_streams:

@@ -1,0 +1,87 @@
+"""The bridge as its own process (``python -m milter_bridge``), for memory, descriptors, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.runtime.mta_client import MtaClient
+
+
+class BridgeProcess:
+    def __init__(self, socket_path: Path, upstream: str, *flags: str) -> None:
+        self.socket_path = socket_path
+        self.log_path = socket_path.with_suffix(".log")
+        self.argv = [
+            sys.executable,
+            "-m",
+            "milter_bridge",
+            "--listen",
+            f"unix:{socket_path}",
+            "--upstream",
+            upstream,
+            *flags,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(500):  # readiness: the socket accepts connections
+            if self.socket_path.exists():
+                try:
+                    _, writer = await asyncio.open_unix_connection(str(self.socket_path))
+                except OSError:
+                    pass
+                else:
+                    writer.close()
+                    await writer.wait_closed()
+                    return
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.02)
+        msg = f"bridge did not start: {self.log()}"
+        raise RuntimeError(msg)
+
+    async def connect(self) -> MtaClient:
+        reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        return MtaClient(reader, writer)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def status_kb(self, field: str) -> int:
+        """VmRSS (now) or VmHWM (peak) of the bridge, in KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        msg = f"{field} not in /proc/{self.pid}/status"
+        raise KeyError(msg)
+
+    def open_fds(self) -> int:
+        return len(list(Path(f"/proc/{self.pid}/fd").iterdir()))
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                await self.wait(15)
+            except TimeoutError:
+                self.proc.kill()
+                await self.wait(5)

@@ -1,0 +1,208 @@
+"""The bridge as a process: bounded memory, no growth over thousands of connections,
+SIGTERM drain, and a bad configuration stopping it at start with a clear message."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from milter_bridge.protocol import commands as cmd
+from milter_bridge.protocol import replies as r
+from milter_bridge.v1 import policy_pb2 as pb
+from tests.runtime.policy import PolicyServer, ScriptedPolicy, verdict
+from tests.runtime.process import BridgeProcess
+from tests.session import harness as h
+
+# The stated limit (README): peak RSS of the bridge with a 50 MB body, 10,000
+# headers and 10,000 recipients streaming through to a slow policy.
+PEAK_RSS_LIMIT_MB = 120
+
+
+@pytest.fixture
+async def policy() -> AsyncIterator[PolicyServer]:
+    server = PolicyServer(ScriptedPolicy(h.capabilities(connect=h.DECIDE, end_of_message=h.DECIDE)))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def bridge_factory(tmp_path: Path) -> AsyncIterator[list[BridgeProcess]]:
+    started: list[BridgeProcess] = []
+    yield started
+    for process in started:
+        await process.stop()
+
+
+async def start_bridge(
+    started: list[BridgeProcess], tmp_path: Path, upstream: str, *flags: str
+) -> BridgeProcess:
+    process = BridgeProcess(tmp_path / f"bridge{len(started)}.sock", upstream, *flags)
+    started.append(process)
+    await process.start()
+    return process
+
+
+async def test_memory_stays_bounded_with_huge_messages_and_a_slow_policy(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    caps = h.capabilities(
+        rcpt_to=h.OBSERVE,
+        header=h.OBSERVE,
+        body=h.OBSERVE,
+        end_of_message=h.DECIDE,
+        body_delivery=pb.BODY_DELIVERY_STREAM,
+        end_of_message_content=pb.EndOfMessageContent(envelope=True, headers=True),
+    )
+    policy.policy.capabilities = caps
+    seen = 0
+
+    async def slow(request: pb.ProcessRequest) -> None:
+        nonlocal seen
+        seen += 1
+        if seen % 500 == 0:
+            await asyncio.sleep(0.02)  # a slow policy: the bridge must wait, not buffer
+
+    async def accept(request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
+        return [verdict(request, pb.ACTION_ACCEPT)]
+
+    policy.policy.on_request = slow
+    policy.policy.decide = accept
+    bridge = await start_bridge(
+        bridge_factory, tmp_path, policy.target, "--deadline", "end_of_message=300"
+    )
+    baseline_mb = bridge.status_kb("VmRSS") / 1024
+    mta = await bridge.connect()
+    await mta.negotiate()
+    await mta.send(*h.mail())  # CONNECT and HELO were switched off (NO* flags)
+    for n in range(10_000):
+        await mta.send(cmd.Rcpt(f"<rcpt{n}@example.test>".encode()))
+    for n in range(10_000):
+        await mta.send(cmd.Header(b"X-Filler", f"header number {n} ".encode() * 3))
+    chunk = (b"x" * 998 + b"\r\n") * 65  # 65,000 bytes
+    for _ in range(50_000_000 // len(chunk)):
+        await mta.send(cmd.Body(chunk))
+    replies = await mta.command(*h.eom())
+    await mta.close()
+    assert replies == [r.Accept()]
+    assert seen > 20_000  # every event went through the slow policy
+    peak_mb = bridge.status_kb("VmHWM") / 1024
+    print(f"bridge RSS: baseline {baseline_mb:.0f} MB, peak {peak_mb:.0f} MB")
+    assert peak_mb < PEAK_RSS_LIMIT_MB
+
+
+async def one_session(bridge: BridgeProcess) -> None:
+    mta = await bridge.connect()
+    await mta.negotiate()
+    assert await mta.command(*h.connect()) == [r.Continue()]
+    assert await mta.command(*h.eom()) == [r.Continue()]
+    await mta.send(cmd.Abort(), cmd.Quit())
+    assert await mta.closed_by_peer()
+    await mta.close()
+
+
+async def test_no_descriptor_or_memory_growth_over_thousands_of_connections(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    bridge = await start_bridge(bridge_factory, tmp_path, policy.target)
+
+    async def batch(n: int, parallel: int = 10) -> None:
+        for _ in range(n // parallel):
+            await asyncio.gather(*(one_session(bridge) for _ in range(parallel)))
+
+    await batch(500)  # warm up: caches, grpc pools, allocator
+    fds, rss = bridge.open_fds(), bridge.status_kb("VmRSS")
+    await batch(3000)
+    grown_kb = bridge.status_kb("VmRSS") - rss
+    print(f"after 3500 connections: fds {fds} -> {bridge.open_fds()}, RSS +{grown_kb} KiB")
+    assert bridge.open_fds() <= fds
+    assert grown_kb < 4096
+    streams = policy.policy.streams
+    assert len(streams) == 3500
+    assert all(s.ended_by_bridge for s in streams)  # every stream half-closed, none cancelled
+
+
+async def test_sigterm_lets_the_session_in_flight_finish(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    bridge = await start_bridge(bridge_factory, tmp_path, policy.target, "--grace-period", "30")
+    mta = await bridge.connect()
+    await mta.negotiate()
+    assert await mta.command(*h.connect()) == [r.Continue()]
+    bridge.signal(signal.SIGTERM)
+    while "no new connections" not in bridge.log():  # readiness: the bridge stopped accepting
+        await asyncio.sleep(0.02)
+    with pytest.raises(ConnectionRefusedError):
+        await bridge.connect()
+    # The SMTP session in flight goes on to the end.
+    assert await mta.command(*h.eom()) == [r.Continue()]
+    await mta.send(cmd.Quit())
+    assert await mta.closed_by_peer()
+    await mta.close()
+    assert await bridge.wait() == 0
+    assert "stopped" in bridge.log()
+
+
+async def test_sigterm_closes_what_outlives_the_grace_period(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    bridge = await start_bridge(bridge_factory, tmp_path, policy.target, "--grace-period", "0.2")
+    mta = await bridge.connect()
+    await mta.negotiate()
+    bridge.signal(signal.SIGTERM)
+    assert await mta.closed_by_peer()  # the MTA then applies its own default action
+    await mta.close()
+    assert await bridge.wait() == 0
+    assert "closing 1 connections still open after the grace period" in bridge.log()
+
+
+BASE = ["--listen", "inet:127.0.0.1:1", "--upstream", "p:1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--upstream", "p:1"], "--listen: required"),
+        (["--listen", "tcp:1.2.3.4:5", "--upstream", "p:1"], "--listen: 'tcp:1.2.3.4:5' is not"),
+        (["--listen", "unix:relative.sock", "--upstream", "p:1"], "must be absolute"),
+        (["--listen", "inet:127.0.0.1:99999", "--upstream", "p:1"], "port 99999 is out of range"),
+        (["--listen", "inet:127.0.0.1:1"], "--upstream: a gRPC target is required"),
+        ([*BASE, "--deadline", "x"], "--deadline: 'x' is not a number"),
+        ([*BASE, "--deadline", "eom=3"], "unknown stage 'eom'"),
+        ([*BASE, "--deadline", "helo=0"], "--deadline helo: 0.0 must be"),
+        ([*BASE, "--failure-action", "drop"], "'drop' is not tempfail"),
+        ([*BASE, "--socket-mode", "rw"], "--socket-mode: 'rw'"),
+        ([*BASE, "--max-connections", "0"], "--max-connections: 0"),
+    ],
+)
+def test_bad_configuration_stops_at_start_naming_the_setting(
+    flags: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "milter_bridge", *flags],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+
+
+async def test_unix_socket_mode_and_a_stale_socket(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    stale = tmp_path / "bridge0.sock"
+    import socket  # noqa: PLC0415
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # left behind by an earlier run
+    bridge = await start_bridge(bridge_factory, tmp_path, policy.target, "--socket-mode", "660")
+    assert stale.stat().st_mode & 0o777 == 0o660
+    await one_session(bridge)
