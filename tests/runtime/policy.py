@@ -49,6 +49,7 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
         # Hooks for failure tests.
         self.refuse_streams = False
         self.end_stream_after_start = False
+        self.unavailable_streams = 0  # fail this many streams with UNAVAILABLE at `start`
 
     async def Describe(  # noqa: N802 - gRPC method name
         self,
@@ -71,6 +72,9 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
                     await self.on_request(request)
                 record.requests.append(request)
                 if request.HasField("start"):
+                    if self.unavailable_streams > 0:
+                        self.unavailable_streams -= 1
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
                     if self.refuse_streams:
                         await context.abort(
                             grpc.StatusCode.FAILED_PRECONDITION, "capabilities changed"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
 from milter_bridge.v1 import policy_pb2 as pb
@@ -150,3 +152,59 @@ async def _until(condition: object) -> None:
     assert callable(condition)
     while not condition():
         await asyncio.sleep(0.01)
+
+
+VERDICTS = [
+    (pb.Verdict(action=pb.ACTION_CONTINUE), [r.Continue()]),
+    (pb.Verdict(action=pb.ACTION_ACCEPT), [r.Accept()]),
+    (pb.Verdict(action=pb.ACTION_REJECT), [r.Reject()]),
+    (pb.Verdict(action=pb.ACTION_TEMPFAIL), [r.TempFail()]),
+    (pb.Verdict(action=pb.ACTION_DISCARD), [r.Discard()]),
+    (
+        pb.Verdict(
+            action=pb.ACTION_TEMPFAIL,
+            reply=pb.SmtpReply(code=451, enhanced_code="4.7.1", lines=["later"]),
+        ),
+        [r.ReplyCode(b"451 4.7.1 later")],
+    ),
+]
+MODIFICATIONS = [
+    (M(add_header=pb.AddHeader(name="X", value=b"1")), r.AddHeader(b"X", b"1")),
+    (
+        M(insert_header=pb.InsertHeader(index=1, name="X", value=b"1")),
+        r.InsertHeader(1, b"X", b"1"),
+    ),
+    (
+        M(change_header=pb.ChangeHeader(name="X", index=2, value=b"v")),
+        r.ChangeHeader(2, b"X", b"v"),
+    ),
+    (M(delete_header=pb.DeleteHeader(name="X", index=1)), r.ChangeHeader(1, b"X", b"")),
+    (M(add_recipient=pb.AddRecipient(address="<a@x>")), r.AddRecipient(b"<a@x>")),
+    (
+        M(add_recipient=pb.AddRecipient(address="<a@x>", esmtp_args=["NOTIFY=NEVER"])),
+        r.AddRecipientWithArgs(b"<a@x>", b"NOTIFY=NEVER"),
+    ),
+    (M(delete_recipient=pb.DeleteRecipient(address="<a@x>")), r.DeleteRecipient(b"<a@x>")),
+    (M(change_sender=pb.ChangeSender(address="<s@x>")), r.ChangeSender(b"<s@x>", None)),
+    (
+        M(change_sender=pb.ChangeSender(address="<s@x>", esmtp_args=["RET=HDRS"])),
+        r.ChangeSender(b"<s@x>", b"RET=HDRS"),
+    ),
+    (M(replace_body=pb.ReplaceBody(body=b"new\r\n")), r.ReplaceBody(b"new\r\n")),
+    (M(quarantine=pb.Quarantine(reason="why")), r.Quarantine(b"why")),
+]
+
+
+@pytest.mark.parametrize(("final", "packets"), VERDICTS)
+async def test_every_end_of_message_verdict_with_every_modification(
+    final: pb.Verdict, packets: list[r.MilterReply]
+) -> None:
+    async def decide(request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
+        eom = pb.EndOfMessageResponse(modifications=[m for m, _ in MODIFICATIONS], verdict=final)
+        return [pb.ProcessResponse(sequence=request.sequence, end_of_message=eom)]
+
+    async with running(h.eom_only()) as stack:
+        stack.policy.decide = decide
+        mta = await stack.negotiated()
+        await mta.send(*h.connect(), *h.mail(), *h.rcpt())
+        assert await mta.command(*h.eom()) == [p for _, p in MODIFICATIONS] + packets

@@ -4,6 +4,8 @@ is served normally. Bad MTA input closes only that connection, with a log line."
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import struct
 
 import pytest
@@ -91,7 +93,8 @@ async def test_policy_killed_mid_message(caplog: pytest.LogCaptureFixture) -> No
         await reached.wait()
         await stack.server.stop()
         assert await mta.reply() == [r.TempFail()]
-        assert "policy failure at end_of_message" in caplog.text
+        # The log line names the connection and the queue id.
+        assert re.search(r"conn=\S+ qid=QID1: policy failure at end_of_message", caplog.text)
         await stack.server.start(stack.server.port)
         await served_normally(stack)
 
@@ -246,3 +249,24 @@ async def test_answer_for_skipped_command_stays_local() -> None:
         assert await mta.command(*h.connect()) == [r.Continue()]
         assert await mta.command(cmd.Helo(b"x")) == [r.Continue()]
         assert stack.policy.streams[0].events() == ["start", "connect"]
+
+
+async def test_stream_reopened_when_unavailable_before_any_reply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="milter_bridge")
+    async with running(CONNECT_AND_EOM) as stack:
+        stack.policy.unavailable_streams = 1
+        assert await one_message(stack) == ([r.Continue()], [r.Continue()])
+        assert "opening it again" in caplog.text
+        failed, replayed = stack.policy.streams
+        assert failed.events() == ["start"]
+        assert replayed.events() == ["start", "connect", "end_of_message"]  # replayed, then on
+
+
+async def test_unavailable_after_a_reply_is_not_retried() -> None:
+    async with running(CONNECT_AND_EOM) as stack:
+        mta = await stack.negotiated()
+        assert await mta.command(*h.connect()) == [r.Continue()]
+        await stack.server.stop()  # breaks the stream after its first reply was used
+        assert await mta.command(*h.eom()) == [r.TempFail()]

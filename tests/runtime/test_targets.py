@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc.aio
@@ -64,3 +65,22 @@ async def test_unix_socket_target(tmp_path: Path) -> None:
     finally:
         await bridge.stop()
         await server.stop(0)
+
+
+async def test_listen_on_ipv6_loopback() -> None:
+    server = PolicyServer(ScriptedPolicy(CAPS))
+    await server.start()
+    bridge = Bridge(
+        Config(listen=Listen(ListenKind.INET6, host="::1", port=0), upstream=server.target)
+    )
+    await bridge.start()
+    try:
+        assert bridge.address.startswith("inet6:[::1]:")
+        reader, writer = await asyncio.open_connection("::1", bridge.port)
+        mta = MtaClient(reader, writer)
+        await mta.negotiate()
+        assert await mta.command(*h.connect()) == [r.Continue()]
+        await mta.close()
+    finally:
+        await bridge.stop()
+        await server.stop()
