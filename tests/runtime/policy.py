@@ -32,6 +32,7 @@ class Recorded:
     requests: list[pb.ProcessRequest] = field(default_factory=list)
     ended_by_bridge: bool = False  # the bridge half-closed (normal end)
     cancelled: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # the handler returned
 
     def events(self) -> list[str]:
         return [str(r.WhichOneof("event")) for r in self.requests]
@@ -44,6 +45,7 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
         self.decide: Decide = always_continue
         self.streams: list[Recorded] = []
         self.describe_calls = 0
+        self.described = asyncio.Event()  # set by every Describe call
         # Called with every request before it is handled (e.g. to be slow).
         self.on_request: Callable[[pb.ProcessRequest], Awaitable[None]] | None = None
         # Hooks for failure tests.
@@ -57,6 +59,7 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
         context: grpc.aio.ServicerContext[pb.DescribeRequest, pb.DescribeResponse],
     ) -> pb.DescribeResponse:
         self.describe_calls += 1
+        self.described.set()
         return pb.DescribeResponse(capabilities=self.capabilities, fingerprint=self.fingerprint)
 
     async def Process(  # noqa: N802 - gRPC method name
@@ -89,6 +92,8 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
         except asyncio.CancelledError:
             record.cancelled = True
             raise
+        finally:
+            record.finished.set()
 
 
 class PolicyServer:

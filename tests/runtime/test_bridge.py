@@ -38,7 +38,8 @@ async def test_every_event_reaches_the_policy_with_its_macros() -> None:
             assert dict(request.macros) == macros
         await mta.send(cmd.Quit())
         assert await mta.closed_by_peer()
-        await _until(lambda: stack.policy.streams[0].ended_by_bridge)
+        await stack.policy.streams[0].finished.wait()
+        assert stack.policy.streams[0].ended_by_bridge  # half-closed, not cancelled
         assert stack.policy.streams[0].events()[0] == "start"
 
 
@@ -123,7 +124,8 @@ async def test_several_messages_and_quit_new_connection() -> None:
         assert await mta.command(*h.connect()) == [r.Continue()]
         assert len(stack.policy.streams) == 2
         assert stack.policy.streams[0].events() == ["start", "connect", *["end_of_message"] * 3]
-        await _until(lambda: stack.policy.streams[0].ended_by_bridge)
+        await stack.policy.streams[0].finished.wait()
+        assert stack.policy.streams[0].ended_by_bridge
 
 
 async def test_progress_while_the_policy_works_on_end_of_message() -> None:
@@ -145,13 +147,6 @@ async def test_progress_while_the_policy_works_on_end_of_message() -> None:
         replies = await mta.reply()
         assert replies[-1] == r.Accept()
         assert all(x == r.Progress() for x in replies[:-1])
-
-
-async def _until(condition: object) -> None:
-    """Wait for a condition another task makes true (bounded by the test timeout)."""
-    assert callable(condition)
-    while not condition():
-        await asyncio.sleep(0.01)
 
 
 VERDICTS = [
