@@ -19,19 +19,7 @@ M = pb.Modification
 async def test_every_event_reaches_the_policy_with_its_macros() -> None:
     async with running(h.decide_everything()) as stack:
         mta = await stack.negotiated()
-        script: list[tuple[list[cmd.MtaCommand], str, dict[str, str]]] = [
-            (h.connect(), "connect", {"j": "mx.example.test", "daemon_name": "smtpd"}),
-            (h.helo(), "helo", {}),
-            (h.mail(), "mail_from", {"mail_addr": "sender@example.test"}),
-            (h.rcpt(), "rcpt_to", {"rcpt_addr": "rcpt@example.test", "i": "QID1"}),
-            (h.content()[:2], "data", {"i": "QID1"}),
-            ([cmd.Header(b"Subject", b"hi")], "header", {}),
-            ([cmd.EndOfHeaders()], "end_of_headers", {}),
-            ([cmd.Body(b"body\r\n")], "body_chunk", {}),
-            (h.eom(), "end_of_message", {"i": "QID1"}),
-            ([cmd.Unknown(b"XFOO")], "unknown", {}),
-        ]
-        for commands, kind, macros in script:
+        for commands, kind, macros in h.every_event():
             assert await mta.command(*commands) == [r.Continue()]
             request = stack.policy.streams[0].requests[-1]
             assert request.WhichOneof("event") == kind

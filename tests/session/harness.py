@@ -160,3 +160,23 @@ def eom() -> list[MtaCommand]:
 
 def message() -> list[MtaCommand]:
     return [*mail(), *rcpt(), *content(), *eom()]
+
+
+def every_event() -> list[tuple[list[MtaCommand], str, dict[str, str]]]:
+    """One command group per event kind, with the macros the policy must see for it."""
+    return [
+        (connect(), "connect", {"j": "mx.example.test", "daemon_name": "smtpd"}),
+        (helo(), "helo", {}),
+        (mail(), "mail_from", {"mail_addr": "sender@example.test"}),
+        (rcpt(), "rcpt_to", {"rcpt_addr": "rcpt@example.test", "i": "QID1"}),
+        (content()[:2], "data", {"i": "QID1"}),
+        ([cmd.Header(b"Subject", b"hi\n\tthere")], "header", {}),
+        (
+            [cmd.DefineMacro(b"N", ((b"{eoh}", b"1"),)), cmd.EndOfHeaders()],
+            "end_of_headers",
+            {"eoh": "1"},
+        ),
+        ([cmd.Body(b"line\r\n")], "body_chunk", {}),
+        (eom(), "end_of_message", {"i": "QID1"}),
+        ([cmd.Unknown(b"XFOO bar")], "unknown", {}),
+    ]

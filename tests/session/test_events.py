@@ -13,23 +13,7 @@ from tests.session.harness import DECIDE, OBSERVE, Mta
 
 def test_every_event_with_its_macros_and_sequence() -> None:
     mta = Mta(h.decide_everything())
-    script: list[tuple[list[cmd.MtaCommand], str, dict[str, str]]] = [
-        (h.connect(), "connect", {"j": "mx.example.test", "daemon_name": "smtpd"}),
-        (h.helo(), "helo", {}),
-        (h.mail(), "mail_from", {"mail_addr": "sender@example.test"}),
-        (h.rcpt(), "rcpt_to", {"rcpt_addr": "rcpt@example.test", "i": "QID1"}),
-        (h.content()[:2], "data", {"i": "QID1"}),
-        ([cmd.Header(b"Subject", b"hi\n\tthere")], "header", {}),
-        (
-            [cmd.DefineMacro(b"N", ((b"{eoh}", b"1"),)), cmd.EndOfHeaders()],
-            "end_of_headers",
-            {"eoh": "1"},
-        ),
-        ([cmd.Body(b"line\r\n")], "body_chunk", {}),
-        (h.eom(), "end_of_message", {"i": "QID1"}),
-        ([cmd.Unknown(b"XFOO bar")], "unknown", {}),
-    ]
-    for commands, kind, macros in script:
+    for commands, kind, macros in h.every_event():
         assert mta.send(*commands) == []  # the MTA waits for the policy
         request = mta.last()
         assert request.WhichOneof("event") == kind
