@@ -52,6 +52,7 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
         self.refuse_streams = False
         self.end_stream_after_start = False
         self.unavailable_streams = 0  # fail this many streams with UNAVAILABLE at `start`
+        self.stop_reading: asyncio.Event | None = None  # after `start`, read nothing until set
 
     async def Describe(  # noqa: N802 - gRPC method name
         self,
@@ -84,6 +85,8 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
                         )
                     if self.end_stream_after_start:
                         return
+                    if self.stop_reading is not None:
+                        await self.stop_reading.wait()
                     continue
                 if request.reply_expected:
                     for response in await self.decide(request):

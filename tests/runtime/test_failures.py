@@ -268,3 +268,59 @@ async def test_unavailable_after_a_reply_is_not_retried() -> None:
         assert await mta.command(*h.connect()) == [r.Continue()]
         await stack.server.stop()  # breaks the stream after its first reply was used
         assert await mta.command(*h.eom()) == [r.TempFail()]
+
+
+async def test_policy_that_stops_reading_its_stream(caplog: pytest.LogCaptureFixture) -> None:
+    caps = h.capabilities(
+        body=h.OBSERVE, end_of_message=h.DECIDE, body_delivery=pb.BODY_DELIVERY_STREAM
+    )
+    deadlines = dict.fromkeys(Stage, 5.0)
+    deadlines[Stage.BODY] = 0.3
+    async with running(caps, deadlines=deadlines) as stack:
+        stack.policy.stop_reading = asyncio.Event()
+        mta = await stack.negotiated()
+        chunk = b"x" * 65000
+        for _ in range(400):  # 26 MB: far more than gRPC's flow-control windows hold
+            await mta.send(cmd.Body(chunk))
+        # Observed events have no answer to fail: the stream is dropped, and the
+        # message's end gets the failure action without another attempt.
+        assert await mta.command(*h.eom()) == [r.TempFail()]
+        assert "the policy took no request for 0.3s" in caplog.text
+        assert len(stack.policy.streams) == 1
+        stack.policy.stop_reading.set()
+        stack.policy.stop_reading = None
+        await served_normally_eom(stack)
+
+
+async def served_normally_eom(stack: Stack) -> None:
+    mta = await stack.negotiated()
+    assert await mta.command(*h.eom()) == [r.Continue()]
+
+
+async def test_after_a_failure_the_rest_of_the_message_fails_at_once() -> None:
+    release = asyncio.Event()
+    calls: list[str] = []
+
+    async def stuck_on_first_rcpt(request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
+        calls.append(str(request.WhichOneof("event")))
+        if calls.count("rcpt_to") == 1 and calls[-1] == "rcpt_to":
+            await release.wait()
+        return [verdict(request)]
+
+    deadlines = dict.fromkeys(Stage, 5.0)
+    deadlines[Stage.RCPT] = 0.2
+    async with running(h.decide_everything(), deadlines=deadlines) as stack:
+        stack.policy.decide = stuck_on_first_rcpt
+        mta = await stack.negotiated()
+        for commands in (h.connect(), h.mail()):
+            assert await mta.command(*commands) == [r.Continue()]
+        assert await mta.command(*h.rcpt()) == [r.TempFail()]  # the deadline
+        # The same message: answered at once, the policy is not asked again.
+        assert await mta.command(*h.rcpt(b"<second@x>")) == [r.TempFail()]
+        assert await mta.command(*h.eom()) == [r.TempFail()]
+        assert calls == ["connect", "mail_from", "rcpt_to"]
+        release.set()
+        # The next message tries the policy again, on a new stream.
+        assert await mta.command(*h.mail()) == [r.Continue()]
+        assert calls[-1] == "mail_from"
+        assert stack.policy.streams[-1].events()[0] == "start"

@@ -21,11 +21,20 @@ from typing import Any
 
 import grpc
 
-from milter_bridge.config import Config
+from milter_bridge.config import STAGES, Config
 from milter_bridge.protocol.errors import InvalidAnswer, ProtocolError
-from milter_bridge.session import EndPolicyStream, Output, Plan, SendToMta, SendToPolicy, Session
+from milter_bridge.session import (
+    EndPolicyStream,
+    Output,
+    Plan,
+    SendToMta,
+    SendToPolicy,
+    Session,
+    Stage,
+)
 from milter_bridge.upstream.capabilities import CapabilitiesCache
 from milter_bridge.upstream.stream import PolicyStream, StreamFailure
+from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 
 READ_SIZE = 1 << 16
@@ -66,6 +75,9 @@ class MtaConnection:
         self._stub = stub
         self.log = ConnectionLog(conn_id)
         self._stream: PolicyStream | None = None
+        # After a failure the policy is not tried again for the rest of that message.
+        self._broken: tuple[int, str] | None = None
+        self._decision_started = 0.0
         self._closing: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
 
@@ -125,10 +137,7 @@ class MtaConnection:
             if isinstance(output, SendToMta):
                 to_mta += output.data
             elif isinstance(output, SendToPolicy):
-                if self.session is not None and self.session.plan.available:
-                    if self._stream is None:
-                        self._stream = PolicyStream(self._stub, self.log)
-                    await self._stream.send(output.request)
+                await self._send_to_policy(output.request)
             elif isinstance(output, EndPolicyStream) and self._stream is not None:
                 task = asyncio.create_task(self._stream.close(), name="stream-close")
                 self._closing.add(task)
@@ -138,16 +147,47 @@ class MtaConnection:
             self._writer.write(to_mta)
             await self._writer.drain()
 
+    async def _send_to_policy(self, request: pb.ProcessRequest) -> None:
+        session = self.session
+        if session is None or not session.plan.available or self._broken_reason() is not None:
+            return  # no capabilities known, or the policy failed on this message
+        if self._stream is None:
+            self._stream = PolicyStream(self._stub, self.log)
+        kind = request.WhichOneof("event")
+        stage = STAGES.get("body" if kind == "body_chunk" else str(kind), Stage.CONNECT)
+        timeout = self._config.deadlines[stage]
+        if request.reply_expected:
+            # The stage's deadline covers handing the event over and the answer.
+            self._decision_started = asyncio.get_running_loop().time()
+        if not await self._stream.send(request, timeout):
+            reason = f"the policy took no request for {timeout:g}s"
+            self.log.warning("%s: cancelling its stream", reason)
+            self._drop_stream(session, reason)
+
+    def _broken_reason(self) -> str | None:
+        if self._broken is None or self.session is None:
+            return None
+        epoch, reason = self._broken
+        return reason if epoch == self.session.message_epoch else None
+
+    def _drop_stream(self, session: Session, reason: str) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+        session.stream_lost()
+        self._broken = (session.message_epoch, reason)
+
     async def _await_policy(self, session: Session) -> None:
         pending = session.pending
         assert pending is not None
         stage = pending.stage
         if self._stream is None:
-            # Nothing could be sent: no capabilities known (or nothing to send on).
-            await self._fail(session, "no policy capabilities known")
+            # Nothing was sent: no capabilities known, or the policy failed on this message.
+            reason = self._broken_reason() or "no policy capabilities known"
+            await self._fail(session, reason)
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._config.deadlines[stage]
+        deadline = self._decision_started + self._config.deadlines[stage]
         progress_every = self._config.progress_interval
         next_progress = loop.time() + progress_every
         while session.pending is pending:
@@ -189,8 +229,5 @@ class MtaConnection:
             reason,
             action.name.lower(),
         )
-        if self._stream is not None:
-            self._stream.cancel()
-            self._stream = None
-        session.stream_lost()
+        self._drop_stream(session, f"failed at {pending.stage.value}: {reason}")
         await self._carry_out(session.fail(action))

@@ -140,6 +140,7 @@ class Session:
             st for stage, st in _STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
         )
         self._smtp_sessions = 0
+        self.message_epoch = 0
         self._stream_open = False
         self._sequence = 0
         self._reset_session()
@@ -255,6 +256,7 @@ class Session:
         self._reset_message()
 
     def _reset_message(self) -> None:
+        self.message_epoch += 1  # a new message (or none yet) begins
         self._message_done = False
         self._message_seen = False
         self._skip_body = False

@@ -79,8 +79,13 @@ class PolicyStream:
         except grpc.aio.AioRpcError as exc:
             queue.put_nowait(exc)
 
-    async def send(self, request: pb.ProcessRequest) -> None:
-        """Write one request; a failure shows up at the next receive()."""
+    async def send(self, request: pb.ProcessRequest, timeout: float) -> bool:
+        """Write one request; False when the policy did not take it within ``timeout``.
+
+        A policy that stops reading blocks writes (gRPC flow control): the write
+        runs as its own task and, when it takes too long, the call is cancelled,
+        which ends the write. Other failures show up at the next receive().
+        """
         if self._call is None:
             self._open()
         if self._sent is not None and not self._replied:
@@ -88,7 +93,13 @@ class PolicyStream:
             self._sent_bytes += request.ByteSize()
             if self._sent_bytes > REPLAY_LIMIT:
                 self._sent = None
-        await self._write(request)
+        write = asyncio.ensure_future(self._write(request))
+        done, _ = await asyncio.wait([write], timeout=timeout)
+        if done:
+            return True
+        self.cancel()
+        await asyncio.wait([write], timeout=CLOSE_TIMEOUT)
+        return False
 
     async def _write(self, request: pb.ProcessRequest) -> None:
         assert self._call is not None
