@@ -28,6 +28,7 @@ from milter_bridge.config import (
     parse_deadlines,
     parse_failure_actions,
     parse_listen,
+    warnings_for,
 )
 from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
 from milter_bridge.protocol.commands import OptionNegotiation
@@ -148,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="most header bytes held for the policy per message",
     )
+    add(
+        "--mta-idle-timeout",
+        type=float,
+        default=7210.0,
+        metavar="SECONDS",
+        help="close an MTA connection silent for this long (libmilter's default)",
+    )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add(
         "--explain",
@@ -190,6 +198,7 @@ def config_from(args: argparse.Namespace) -> Config:
         max_packet_size=args.max_packet_size,
         max_body_buffer=args.max_body_buffer,
         max_header_buffer=args.max_header_buffer,
+        mta_idle_timeout=args.mta_idle_timeout,
         log_level=args.log_level,
     )
 
@@ -212,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    for warning in warnings_for(config):
+        logging.getLogger("milter_bridge").warning("%s", warning)
     try:
         _run(config)
     except OSError as exc:  # e.g. the listen address is taken

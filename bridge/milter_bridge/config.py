@@ -13,6 +13,8 @@ Defaults and why:
 
 from __future__ import annotations
 
+import grp
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from milter_bridge.session.machine import DEFAULT_MAX_BODY_BUFFER, DEFAULT_MAX_H
 STAGES: dict[str, Stage] = {s.value: s for s in Stage if s is not Stage.ABORT}
 DEFAULT_DEADLINE = 8.0
 DEFAULT_EOM_DEADLINE = 120.0
+SENDMAIL_READ_TIMEOUT = 10.0  # INPUT_MAIL_FILTER T=R: default
+MTA_EOM_LIMIT = 300.0  # Sendmail T=E:5m; Postfix milter_content_timeout
 _T = TypeVar("_T")
 
 
@@ -109,15 +113,29 @@ class Config:
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     max_body_buffer: int = DEFAULT_MAX_BODY_BUFFER
     max_header_buffer: int = DEFAULT_MAX_HEADER_BUFFER
+    # libmilter's default: an MTA that sends nothing for this long is gone.
+    mta_idle_timeout: float = 7210.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         _positive("--max-connections", self.max_connections)
-        for name in ("describe_wait", "describe_refresh", "progress_interval"):
+        for name in ("describe_wait", "describe_refresh", "progress_interval", "mta_idle_timeout"):
             _positive(f"--{name.replace('_', '-')}", getattr(self, name))
-        if self.grace_period < 0:
-            msg = f"--grace-period: {self.grace_period} is negative"
+        if not 0 <= self.grace_period < math.inf:
+            msg = f"--grace-period: {self.grace_period} is not a number of seconds"
             raise ConfigError(msg)
+        if self.progress_interval >= SENDMAIL_READ_TIMEOUT:
+            msg = (
+                f"--progress-interval: {self.progress_interval:g}s is too long: Sendmail gives up"
+                f" on a milter silent for {SENDMAIL_READ_TIMEOUT:g}s (T=R:10s)"
+            )
+            raise ConfigError(msg)
+        if self.socket_group is not None:
+            try:
+                grp.getgrnam(self.socket_group)
+            except KeyError:
+                msg = f"--socket-group: no group named {self.socket_group!r}"
+                raise ConfigError(msg) from None
         _positive("--max-packet-size", self.max_packet_size)
         _positive("--max-body-buffer", self.max_body_buffer)
         _positive("--max-header-buffer", self.max_header_buffer)
@@ -135,9 +153,23 @@ class Config:
 
 
 def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        msg = f"{name}: {value} must be greater than 0"
+    if not 0 < value < math.inf:
+        msg = f"{name}: {value} must be greater than 0 and finite"
         raise ConfigError(msg)
+
+
+def warnings_for(config: Config) -> list[str]:
+    """Settings that work but exceed what MTAs allow by default (logged at start)."""
+    out = []
+    for stage, seconds in config.deadlines.items():
+        limit = MTA_EOM_LIMIT if stage is Stage.EOM else SENDMAIL_READ_TIMEOUT
+        if seconds >= limit:
+            out.append(
+                f"--deadline {stage.value}={seconds:g}: the MTA may give up first (Sendmail's"
+                f" defaults: 10 s per read, 5 min from end of message; Postfix: 30 s per"
+                f" command, 300 s per read)"
+            )
+    return out
 
 
 def _staged(

@@ -53,6 +53,7 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
         self.end_stream_after_start = False
         self.unavailable_streams = 0  # fail this many streams with UNAVAILABLE at `start`
         self.stop_reading: asyncio.Event | None = None  # after `start`, read nothing until set
+        self.fail_streams_with: grpc.StatusCode | None = None  # abort every stream at `start`
 
     async def Describe(  # noqa: N802 - gRPC method name
         self,
@@ -79,6 +80,8 @@ class ScriptedPolicy(policy_pb2_grpc.PolicyServiceServicer):
                     if self.unavailable_streams > 0:
                         self.unavailable_streams -= 1
                         await context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
+                    if self.fail_streams_with is not None:
+                        await context.abort(self.fail_streams_with, "policy bug")
                     if self.refuse_streams:
                         await context.abort(
                             grpc.StatusCode.FAILED_PRECONDITION, "capabilities changed"

@@ -8,6 +8,7 @@ import logging
 import re
 import struct
 
+import grpc
 import pytest
 
 from milter_bridge.protocol import commands as cmd
@@ -113,8 +114,7 @@ async def test_policy_slower_than_the_deadline(caplog: pytest.LogCaptureFixture)
     async with running(CONNECT_AND_EOM, deadlines=deadlines, progress_interval=0.05) as stack:
         stack.policy.decide = slow
         _connect, eom = await one_message(stack)
-        # The answer came while the policy was still blocked: the deadline decided.
-        assert not release.is_set()
+        # TempFail, where the policy would have accepted: the deadline decided.
         assert eom[-1] == r.TempFail()
         assert all(x == r.Progress() for x in eom[:-1])
         assert "no answer within 0.2s" in caplog.text
@@ -260,6 +260,8 @@ async def test_stream_reopened_when_unavailable_before_any_reply(
         failed, replayed = stack.policy.streams
         assert failed.events() == ["start"]
         assert replayed.events() == ["start", "connect", "end_of_message"]  # replayed, then on
+        assert (failed.requests[0].start.attempt, replayed.requests[0].start.attempt) == (0, 1)
+        assert failed.requests[0].start.session_id == replayed.requests[0].start.session_id
 
 
 async def test_unavailable_after_a_reply_is_not_retried() -> None:
@@ -268,6 +270,7 @@ async def test_unavailable_after_a_reply_is_not_retried() -> None:
         assert await mta.command(*h.connect()) == [r.Continue()]
         await stack.server.stop()  # breaks the stream after its first reply was used
         assert await mta.command(*h.eom()) == [r.TempFail()]
+        assert len(stack.policy.streams) == 1  # no second attempt
 
 
 async def test_policy_that_stops_reading_its_stream(caplog: pytest.LogCaptureFixture) -> None:
@@ -324,3 +327,16 @@ async def test_after_a_failure_the_rest_of_the_message_fails_at_once() -> None:
         assert await mta.command(*h.mail()) == [r.Continue()]
         assert calls[-1] == "mail_from"
         assert stack.policy.streams[-1].events()[0] == "start"
+
+
+async def test_failure_of_an_observe_only_stream_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(h.capabilities(helo=h.OBSERVE)) as stack:
+        stack.policy.fail_streams_with = grpc.StatusCode.INTERNAL
+        mta = await stack.negotiated()
+        await mta.send(*h.helo())  # observed: nobody waits for an answer
+        await mta.send(cmd.Quit())
+        assert await mta.closed_by_peer()
+        await stack.bridge.stop()  # the stream's close has finished by the time stop() returns
+        assert "policy stream ended badly: INTERNAL: policy bug" in caplog.text

@@ -152,11 +152,23 @@ async def test_sigterm_lets_the_session_in_flight_finish(
 async def test_sigterm_closes_what_outlives_the_grace_period(
     policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
 ) -> None:
+    stuck = asyncio.Event()
+
+    async def never(request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
+        stuck.set()
+        await asyncio.Event().wait()
+        return []
+
+    policy.policy.decide = never
     bridge = await start_bridge(bridge_factory, tmp_path, policy.target, "--grace-period", "0.2")
     mta = await bridge.connect()
     await mta.negotiate()
+    await mta.send(*h.connect())
+    await stuck.wait()
     bridge.signal(signal.SIGTERM)
-    assert await mta.closed_by_peer()  # the MTA then applies its own default action
+    # What awaited the policy gets the failure action before the connection closes.
+    assert await mta.reply() == [r.TempFail()]
+    assert await mta.closed_by_peer()
     await mta.close()
     assert await bridge.wait() == 0
     assert "closing 1 connections still open after the grace period" in bridge.log()
@@ -179,6 +191,10 @@ BASE = ["--listen", "inet:127.0.0.1:1", "--upstream", "p:1"]
         ([*BASE, "--failure-action", "drop"], "'drop' is not tempfail"),
         ([*BASE, "--socket-mode", "rw"], "--socket-mode: 'rw'"),
         ([*BASE, "--max-connections", "0"], "--max-connections: 0"),
+        ([*BASE, "--deadline", "inf"], "must be greater than 0 and finite"),
+        ([*BASE, "--grace-period", "nan"], "--grace-period: nan is not a number"),
+        ([*BASE, "--progress-interval", "30"], "Sendmail gives up on a milter silent for 10s"),
+        ([*BASE, "--socket-group", "no-such-group"], "--socket-group: no group named"),
     ],
 )
 def test_bad_configuration_stops_at_start_naming_the_setting(
@@ -206,3 +222,43 @@ async def test_unix_socket_mode_and_a_stale_socket(
     bridge = await start_bridge(bridge_factory, tmp_path, policy.target, "--socket-mode", "660")
     assert stale.stat().st_mode & 0o777 == 0o660
     await one_session(bridge)
+
+
+async def test_a_second_instance_does_not_take_a_live_socket(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    first = await start_bridge(bridge_factory, tmp_path, policy.target)
+    second = BridgeProcess(first.socket_path, policy.target)
+    result = await asyncio.to_thread(
+        subprocess.run, second.argv, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 1
+    assert "another process listens on" in result.stderr
+    await one_session(first)  # the first instance still serves its socket
+
+
+async def test_no_growth_on_the_failure_path_either(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    policy.policy.end_stream_after_start = True  # every stream fails: cancel, failure action
+    bridge = await start_bridge(bridge_factory, tmp_path, policy.target)
+
+    async def failing_session() -> None:
+        mta = await bridge.connect()
+        await mta.negotiate()
+        assert await mta.command(*h.connect()) == [r.TempFail()]
+        await mta.send(cmd.Quit())
+        assert await mta.closed_by_peer()
+        await mta.close()
+
+    async def batch(n: int) -> None:
+        for _ in range(n // 10):
+            await asyncio.gather(*(failing_session() for _ in range(10)))
+
+    await batch(300)
+    fds, rss = bridge.open_fds(), bridge.status_kb("VmRSS")
+    await batch(1500)
+    grown_kb = bridge.status_kb("VmRSS") - rss
+    print(f"failure path, 1800 connections: fds {fds} -> {bridge.open_fds()}, RSS +{grown_kb} KiB")
+    assert bridge.open_fds() <= fds
+    assert grown_kb < 4096

@@ -35,6 +35,7 @@ class Bridge:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._stopping = False
+        self._socket_inode = -1
 
     async def start(self) -> None:
         self.channel = make_channel(self.config.upstream)
@@ -74,8 +75,12 @@ class Bridge:
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 msg = f"--listen: {path} exists and is not a socket"
                 raise FileExistsError(msg)
+            if await _in_use(path):
+                msg = f"--listen: another process listens on {path}"
+                raise FileExistsError(msg)
             path.unlink()  # a stale socket of an earlier run
         server = await asyncio.start_unix_server(self._accept, str(path))
+        self._socket_inode = path.stat().st_ino
         if self.config.socket_group is not None:
             os.chown(path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
         if self.config.socket_mode is not None:
@@ -100,6 +105,8 @@ class Bridge:
                 conn_id, reader, writer, self.config, self.capabilities, self.stub
             )
             await connection.run()
+        except asyncio.CancelledError:
+            pass  # closed after the grace period; the connection answered what it could
         finally:
             self._tasks.discard(task)
 
@@ -108,6 +115,7 @@ class Bridge:
         self._stopping = True
         if self._server is not None:
             self._server.close()
+            log.info("no new connections")
         if self._tasks:
             log.info(
                 "draining %d connections (up to %gs)", len(self._tasks), self.config.grace_period
@@ -121,8 +129,10 @@ class Bridge:
         await self.capabilities.stop()
         await self.channel.close(None)
         if self.config.listen.kind is ListenKind.UNIX:
+            path = Path(self.config.listen.path)
             with contextlib.suppress(FileNotFoundError):
-                Path(self.config.listen.path).unlink()
+                if path.stat().st_ino == self._socket_inode:  # not a later instance's socket
+                    path.unlink()
         log.info("stopped")
 
 
@@ -135,5 +145,15 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("signal received: no new connections")
+    log.info("signal received: stopping")
     await bridge.stop()
+
+
+async def _in_use(path: Path) -> bool:
+    """Whether a process accepts connections on this unix socket."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    writer.close()
+    return True

@@ -33,11 +33,12 @@ from milter_bridge.session import (
     Stage,
 )
 from milter_bridge.upstream.capabilities import CapabilitiesCache
-from milter_bridge.upstream.stream import PolicyStream, StreamFailure
+from milter_bridge.upstream.stream import CLOSE_TIMEOUT, PolicyStream, StreamFailure
 from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 
 READ_SIZE = 1 << 16
+MTA_WRITE_TIMEOUT = 60.0
 log = logging.getLogger("milter_bridge.connection")
 
 
@@ -88,17 +89,42 @@ class MtaConnection:
             self.log.warning("closing the connection: the MTA broke the protocol: %s", exc)
         except (ConnectionError, TimeoutError) as exc:
             self.log.info("connection lost: %s", exc or type(exc).__name__)
+        except asyncio.CancelledError:
+            # Shutdown after the grace period: what awaits the policy gets the failure action.
+            await self._answer_before_closing()
+            raise
         finally:
             if self._stream is not None:
                 self._stream.cancel()
-            if self._closing:
-                await asyncio.wait(self._closing)
+            # The MTA's socket first: its connection is over, whatever the policy does.
             self._writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._writer.wait_closed()
+            if self._closing:
+                await asyncio.wait(self._closing, timeout=2 * CLOSE_TIMEOUT)
+
+    async def _answer_before_closing(self) -> None:
+        session = self.session
+        if session is None or session.pending is None:
+            return
+        stage = session.pending.stage
+        action = self._config.failure_actions[stage]
+        self.log.warning("shutting down: answering %s at %s", action.name.lower(), stage.value)
+        for output in session.fail(action):
+            if isinstance(output, SendToMta):
+                self._writer.write(output.data)
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            await asyncio.wait_for(self._writer.drain(), 1.0)
+
+    async def _read_mta(self) -> bytes:
+        """The next bytes from the MTA; an MTA silent for the idle timeout is gone."""
+        idle = self._config.mta_idle_timeout
+        try:
+            return await asyncio.wait_for(self._reader.read(READ_SIZE), idle)
+        except TimeoutError:
+            self.log.warning("the MTA sent nothing for %gs: closing", idle)
+            return b""
 
     async def _serve(self) -> None:
-        data = await self._reader.read(READ_SIZE)
+        data = await self._read_mta()
         if not data:
             return
         plan = await self._capabilities.plan(self._config.describe_wait)
@@ -121,7 +147,7 @@ class MtaConnection:
                 await self._await_policy(session)
             if session.finished:
                 break
-            data = await self._reader.read(READ_SIZE)
+            data = await self._read_mta()
         else:
             if session.decoder.frames.buffered:
                 self.log.warning(
@@ -145,7 +171,8 @@ class MtaConnection:
                 self._stream = None
         if to_mta:
             self._writer.write(to_mta)
-            await self._writer.drain()
+            # An MTA that stops reading would hold this connection forever.
+            await asyncio.wait_for(self._writer.drain(), MTA_WRITE_TIMEOUT)
 
     async def _send_to_policy(self, request: pb.ProcessRequest) -> None:
         session = self.session
@@ -159,7 +186,7 @@ class MtaConnection:
         if request.reply_expected:
             # The stage's deadline covers handing the event over and the answer.
             self._decision_started = asyncio.get_running_loop().time()
-        if not await self._stream.send(request, timeout):
+        if not await self._stream.send(request, asyncio.get_running_loop().time() + timeout):
             reason = f"the policy took no request for {timeout:g}s"
             self.log.warning("%s: cancelling its stream", reason)
             self._drop_stream(session, reason)
@@ -195,13 +222,9 @@ class MtaConnection:
             if now >= deadline:
                 await self._fail(session, f"no answer within {self._config.deadlines[stage]:g}s")
                 return
-            wait = (
-                min(deadline, next_progress) - now
-                if stage.value == "end_of_message"
-                else deadline - now
-            )
+            until = min(deadline, next_progress) if stage is Stage.EOM else deadline
             try:
-                response = await self._stream.receive(wait)
+                response = await self._stream.receive(until)
             except TimeoutError:
                 if loop.time() >= next_progress and session.pending is pending:
                     await self._carry_out(session.progress())

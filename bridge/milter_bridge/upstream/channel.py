@@ -15,6 +15,7 @@ import grpc.aio
 
 from milter_bridge.v1 import policy_pb2_grpc
 
+MAX_ANSWER_SIZE = 64 << 20
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 OPTIONS: list[tuple[str, object]] = [
@@ -22,12 +23,14 @@ OPTIONS: list[tuple[str, object]] = [
     ("grpc.lb_policy_name", "round_robin"),
     # An end-of-message event may carry a buffered body of several MiB.
     ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-    # Notice a dead policy host between messages, not only when a call times out.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # A policy's answer may replace the body; anything larger is a broken policy.
+    ("grpc.max_receive_message_length", MAX_ANSWER_SIZE),
+    # Notice a dead policy host during long streams. Within what a default grpc
+    # server accepts (one ping per 5 minutes, none without calls), or it sends
+    # GOAWAY too_many_pings and the streams die.
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
     # Reconnect to a restarted policy quickly (grpc's default starts at 1 s).
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),

@@ -4,11 +4,14 @@ Opened at the first event that must be sent. One reader task per stream
 reads every response into a queue; the connection waits on that queue with
 its own deadline (never on a pending ``read()``: cancelling one leaks, see
 grpc#43360). The normal end is a half-close (``done_writing``) and reading to
-the end; ``cancel()`` only on failure, but then always.
+the end; ``cancel()`` only on failure, but then always. Every wait here is
+bounded: writes (a policy that stops reading blocks them through HTTP/2 flow
+control) run as tasks the caller times out on, and a timeout cancels the call.
 
 gRPC never retries a started stream. This one is reopened, and what was sent
-on it so far replayed, when it fails with UNAVAILABLE before any reply was
-used: with several replicas the new call may go to another one.
+on it so far replayed (StreamStart.attempt counts up), when it fails with
+UNAVAILABLE before any reply was used, within the caller's deadline: with
+several replicas the new call may go to another one.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ OPEN_ATTEMPTS = 3
 # Requests kept for a replay; a stream that sent more before its first reply is not replayed.
 REPLAY_LIMIT = 1 << 20
 CLOSE_TIMEOUT = 5.0
+# Responses nobody has asked for yet; a policy sending more is broken (memory stays bounded).
+MAX_UNREAD_RESPONSES = 64
 
 _END = object()
 # grpc.aio.EOF, which grpc-stubs does not declare.
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
+_CALL_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 class StreamFailure(Exception):
@@ -41,6 +47,16 @@ class StreamFailure(Exception):
         self.code = code
 
 
+Call = grpc.aio.StreamStreamCall[pb.ProcessRequest, pb.ProcessResponse]
+
+
+def _with_attempt(start: pb.ProcessRequest, attempt: int) -> pb.ProcessRequest:
+    copy = pb.ProcessRequest()
+    copy.CopyFrom(start)
+    copy.start.attempt = attempt
+    return copy
+
+
 class PolicyStream:
     def __init__(
         self,
@@ -49,43 +65,66 @@ class PolicyStream:
     ) -> None:
         self._stub = stub
         self._log = log
-        self._call: grpc.aio.StreamStreamCall[pb.ProcessRequest, pb.ProcessResponse] | None = None
+        self._call: Call | None = None
         self._reader: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._sent: list[pb.ProcessRequest] | None = []  # None: too much to replay
         self._sent_bytes = 0
         self._replied = False
         self._attempts = 0
+        self._cancelled = False
+        self.failure: str | None = None  # how the stream ended, if not normally
 
     def _open(self) -> None:
         self._attempts += 1
         self._queue = asyncio.Queue()
-        # wait_for_ready: a policy restarting rides through; the stage deadline bounds the wait.
+        # wait_for_ready: a restarting policy is waited for; the caller's deadline bounds it.
         call = self._stub.Process(None, wait_for_ready=True)  # requests are written one by one
         self._call = call
-        self._reader = asyncio.create_task(self._read(call), name="policy-reader")
+        self._reader = asyncio.create_task(self._read(call, self._queue), name="policy-reader")
 
-    async def _read(
-        self, call: grpc.aio.StreamStreamCall[pb.ProcessRequest, pb.ProcessResponse]
-    ) -> None:
-        queue = self._queue
+    async def _read(self, call: Call, queue: asyncio.Queue[object]) -> None:
         try:
             while True:
                 response = await call.read()
                 if response is _EOF:
                     queue.put_nowait(_END)
                     return
-                queue.put_nowait(response)  # a ProcessResponse
+                if queue.qsize() >= MAX_UNREAD_RESPONSES:
+                    self.failure = f"the policy sent over {MAX_UNREAD_RESPONSES} unasked responses"
+                    queue.put_nowait(StreamFailure(self.failure))
+                    call.cancel()
+                    return
+                queue.put_nowait(response)
         except grpc.aio.AioRpcError as exc:
+            if not self._cancelled:
+                self.failure = f"{exc.code().name}: {exc.details()}"
             queue.put_nowait(exc)
+        except asyncio.CancelledError:
+            # The call was cancelled (by cancel()); the reader ends with it.
+            queue.put_nowait(StreamFailure("the stream was cancelled"))
 
-    async def send(self, request: pb.ProcessRequest, timeout: float) -> bool:
-        """Write one request; False when the policy did not take it within ``timeout``.
+    async def _write(self, request: pb.ProcessRequest, until: float) -> bool:
+        """Hand one request to gRPC by loop time ``until``; False (call cancelled) if not."""
+        assert self._call is not None
+        call = self._call
 
-        A policy that stops reading blocks writes (gRPC flow control): the write
-        runs as its own task and, when it takes too long, the call is cancelled,
-        which ends the write. Other failures show up at the next receive().
-        """
+        async def write() -> None:
+            # A call that already failed refuses writes; its status reaches the reader.
+            with contextlib.suppress(*_CALL_ERRORS):
+                await call.write(request)
+
+        task = asyncio.ensure_future(write())
+        timeout = max(until - asyncio.get_running_loop().time(), 0)
+        done, _ = await asyncio.wait([task], timeout=timeout)
+        if done:
+            return True
+        self.cancel()  # ends the pending write; never cancel the write itself
+        await asyncio.wait([task], timeout=CLOSE_TIMEOUT)
+        return False
+
+    async def send(self, request: pb.ProcessRequest, until: float) -> bool:
+        """Write one request by loop time ``until``; False when the policy did not take it."""
         if self._call is None:
             self._open()
         if self._sent is not None and not self._replied:
@@ -93,39 +132,28 @@ class PolicyStream:
             self._sent_bytes += request.ByteSize()
             if self._sent_bytes > REPLAY_LIMIT:
                 self._sent = None
-        write = asyncio.ensure_future(self._write(request))
-        done, _ = await asyncio.wait([write], timeout=timeout)
-        if done:
-            return True
-        self.cancel()
-        await asyncio.wait([write], timeout=CLOSE_TIMEOUT)
-        return False
+        return await self._write(request, until)
 
-    async def _write(self, request: pb.ProcessRequest) -> None:
-        assert self._call is not None
-        # A call that already failed refuses writes; its status reaches the reader.
-        with contextlib.suppress(
-            grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError
-        ):
-            await self._call.write(request)
-
-    async def receive(self, timeout: float) -> pb.ProcessResponse:
-        """The next response; raises TimeoutError or StreamFailure."""
+    async def receive(self, until: float) -> pb.ProcessResponse:
+        """The next response by loop time ``until``; raises TimeoutError or StreamFailure."""
+        loop = asyncio.get_running_loop()
         while True:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
+            item = await asyncio.wait_for(self._queue.get(), max(until - loop.time(), 0))
             if isinstance(item, pb.ProcessResponse):
                 self._replied = True
                 self._sent = None
                 return item
             if item is _END:
                 raise StreamFailure("the policy ended the stream without answering")
+            if isinstance(item, StreamFailure):
+                raise item
             assert isinstance(item, grpc.aio.AioRpcError)
             code = item.code()
-            if code is grpc.StatusCode.UNAVAILABLE and await self._reopen():
+            if code is grpc.StatusCode.UNAVAILABLE and await self._reopen(until):
                 continue
             raise StreamFailure(f"stream failed: {code.name}: {item.details()}", code)
 
-    async def _reopen(self) -> bool:
+    async def _reopen(self, until: float) -> bool:
         if self._replied or self._sent is None or self._attempts >= OPEN_ATTEMPTS:
             return False
         self._log.info(
@@ -134,27 +162,42 @@ class PolicyStream:
         replay = list(self._sent)
         self._open()
         for request in replay:
-            await self._write(request)
+            if request.HasField("start"):
+                request = _with_attempt(request, self._attempts - 1)  # noqa: PLW2901
+            if not await self._write(request, until):
+                return False
         return True
 
     async def close(self) -> None:
-        """Normal end: half-close, then read to the end (bounded), cancel if it does not end."""
+        """Normal end: half-close, then read to the end; cancel what does not end in time."""
         call, reader = self._call, self._reader
         if call is None or reader is None:
             return
-        with contextlib.suppress(
-            grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError
-        ):
-            await call.done_writing()
-        done, _ = await asyncio.wait([reader], timeout=CLOSE_TIMEOUT)
-        if not done:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CLOSE_TIMEOUT
+
+        async def half_close() -> None:
+            with contextlib.suppress(*_CALL_ERRORS):
+                await call.done_writing()
+
+        closing = asyncio.ensure_future(half_close())
+        await asyncio.wait(
+            [closing, reader], timeout=CLOSE_TIMEOUT, return_when=asyncio.ALL_COMPLETED
+        )
+        if not reader.done():
             self._log.warning(
                 "policy did not end its stream within %.0fs; cancelling it", CLOSE_TIMEOUT
             )
             self.cancel()
-            await asyncio.wait([reader], timeout=CLOSE_TIMEOUT)
+            await asyncio.wait(
+                [closing, reader], timeout=max(until - loop.time(), 0) + CLOSE_TIMEOUT
+            )
+        if self.failure is not None:
+            # Events were only observed, so nobody waited on this stream's answer.
+            self._log.warning("policy stream ended badly: %s", self.failure)
 
     def cancel(self) -> None:
         """On failure: the call is cancelled, and with it the reader's pending read."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()

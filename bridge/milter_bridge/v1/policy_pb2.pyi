@@ -652,10 +652,18 @@ class StreamStart(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     NEGOTIATED_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """The DescribeResponse.fingerprint the session was negotiated with."""
     session_id: _builtins.str
     """A bridge-chosen identifier of this SMTP session, for log correlation."""
+    attempt: _builtins.int
+    """0 for the first stream of this session_id. When a stream fails with
+    UNAVAILABLE before the bridge used any reply on it, the bridge opens a new
+    one (possibly to another replica) and sends the same requests again with
+    attempt 1, 2: a policy that acts on events (counts, stores) should treat
+    (session_id, sequence) as already seen.
+    """
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
         """The capabilities the session was negotiated with, as described."""
@@ -671,10 +679,11 @@ class StreamStart(_message.Message):
         capabilities: Global___Capabilities | None = ...,
         negotiated: Global___Negotiated | None = ...,
         session_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "negotiated", b"negotiated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "fingerprint", b"fingerprint", "negotiated", b"negotiated", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capabilities", b"capabilities", "fingerprint", b"fingerprint", "negotiated", b"negotiated", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
