@@ -7,7 +7,7 @@ import asyncio
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -107,22 +107,34 @@ async def one_session(bridge: BridgeProcess) -> None:
     await mta.close()
 
 
+async def assert_no_growth(
+    bridge: BridgeProcess,
+    session: Callable[[BridgeProcess], Awaitable[None]],
+    *,
+    warm_up: int,
+    then: int,
+) -> None:
+    """Open descriptors and RSS after ``then`` more sessions (10 at a time) stay put."""
+
+    async def batch(n: int) -> None:
+        for _ in range(n // 10):
+            await asyncio.gather(*(session(bridge) for _ in range(10)))
+
+    await batch(warm_up)  # caches, grpc pools, the allocator settle
+    fds, rss = bridge.open_fds(), bridge.status_kb("VmRSS")
+    await batch(then)
+    grown_kb = bridge.status_kb("VmRSS") - rss
+    print(f"{warm_up + then} connections: fds {fds} -> {bridge.open_fds()}, RSS +{grown_kb} KiB")
+    assert bridge.open_fds() <= fds
+    assert grown_kb < 4096
+
+
 async def test_no_descriptor_or_memory_growth_over_thousands_of_connections(
     policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
 ) -> None:
     bridge = await start_bridge(bridge_factory, tmp_path, policy.target)
 
-    async def batch(n: int, parallel: int = 10) -> None:
-        for _ in range(n // parallel):
-            await asyncio.gather(*(one_session(bridge) for _ in range(parallel)))
-
-    await batch(500)  # warm up: caches, grpc pools, allocator
-    fds, rss = bridge.open_fds(), bridge.status_kb("VmRSS")
-    await batch(3000)
-    grown_kb = bridge.status_kb("VmRSS") - rss
-    print(f"after 3500 connections: fds {fds} -> {bridge.open_fds()}, RSS +{grown_kb} KiB")
-    assert bridge.open_fds() <= fds
-    assert grown_kb < 4096
+    await assert_no_growth(bridge, one_session, warm_up=500, then=3000)
     streams = policy.policy.streams
     assert len(streams) == 3500
     # The MTA's socket closes first; the streams' half-close may still be under way.
@@ -253,14 +265,4 @@ async def test_no_growth_on_the_failure_path_either(
         assert await mta.closed_by_peer()
         await mta.close()
 
-    async def batch(n: int) -> None:
-        for _ in range(n // 10):
-            await asyncio.gather(*(failing_session() for _ in range(10)))
-
-    await batch(300)
-    fds, rss = bridge.open_fds(), bridge.status_kb("VmRSS")
-    await batch(1500)
-    grown_kb = bridge.status_kb("VmRSS") - rss
-    print(f"failure path, 1800 connections: fds {fds} -> {bridge.open_fds()}, RSS +{grown_kb} KiB")
-    assert bridge.open_fds() <= fds
-    assert grown_kb < 4096
+    await assert_no_growth(bridge, lambda _: failing_session(), warm_up=300, then=1500)
