@@ -19,6 +19,16 @@ class Received:
     data: bytes = b""
 
     @property
+    def sender(self) -> str:
+        """The MAIL FROM address, without ESMTP parameters."""
+        return self.mail_from.split(" ", 1)[0]
+
+    @property
+    def recipients(self) -> list[str]:
+        """The RCPT TO addresses, without ESMTP parameters."""
+        return [r.split(" ", 1)[0] for r in self.rcpt_to]
+
+    @property
     def headers(self) -> list[tuple[str, str]]:
         head = self.data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
         out: list[tuple[str, str]] = []

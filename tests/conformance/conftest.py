@@ -1,0 +1,105 @@
+"""The conformance suite's world, started once per test run: a policy, the bridge, real MTAs
+pointed at it, and one SMTP sink they relay to.
+
+Each test scripts the policy (``world.policy.decide``) and sends mail through an
+MTA with a real SMTP client; the sink shows what the MTA delivered.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from milter_bridge.config import Config, Listen, ListenKind
+from milter_bridge.server.bridge import Bridge
+from milter_bridge.v1 import policy_pb2 as pb
+from tests.mta.postfix import Postfix
+from tests.mta.sink import SmtpSink
+from tests.prerequisites import require
+from tests.runtime.policy import PolicyServer, ScriptedPolicy, always_continue
+
+EVENTS = [f.name for f in pb.EventModes.DESCRIPTOR.fields]
+
+# One set of capabilities for every scenario: the policy sees and decides
+# every event, may make every modification, and asks for macros per stage.
+CAPABILITIES = pb.Capabilities(
+    events=pb.EventModes(
+        **{e: pb.EVENT_MODE_OBSERVE if e == "abort" else pb.EVENT_MODE_DECIDE for e in EVENTS}
+    ),
+    header_delivery=pb.HEADER_DELIVERY_EACH,
+    body_delivery=pb.BODY_DELIVERY_STREAM,
+    end_of_message_content=pb.EndOfMessageContent(envelope=True, headers=True),
+    actions=pb.Actions(**{f.name: True for f in pb.Actions.DESCRIPTOR.fields}),
+    macros=pb.MacroRequest(
+        connect=["j", "{daemon_name}", "{client_addr}", "{client_name}"],
+        helo=["{client_addr}"],
+        mail_from=["i", "{mail_addr}", "{mail_host}"],
+        rcpt_to=["i", "{rcpt_addr}"],
+        data=["i"],
+        end_of_headers=["i"],
+        end_of_message=["i", "j"],
+    ),
+)
+
+
+@dataclass
+class World:
+    policy: ScriptedPolicy
+    bridge: Bridge
+    sink: SmtpSink
+    mtas: dict[str, Postfix]
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def world() -> AsyncIterator[World]:
+    require(root=True, commands=("postfix",))
+    policy = ScriptedPolicy(CAPABILITIES)
+    server = PolicyServer(policy)
+    await server.start()
+    bridge = Bridge(
+        Config(listen=Listen(ListenKind.INET, host="127.0.0.1"), upstream=server.target)
+    )
+    await bridge.start()
+    assert await bridge.capabilities.plan(10.0) is not None
+    sink = SmtpSink()
+    await sink.start()
+    # Postfix's own users must reach the instance: pytest's tmp_path is 0700.
+    base = Path(tempfile.mkdtemp(prefix="milter-bridge-conformance-"))
+    base.chmod(0o755)
+    milter = f"inet:127.0.0.1:{bridge.port}"
+    mtas = {"postfix": Postfix(base / "postfix", milter, sink.port)}
+    try:
+        for mta in mtas.values():
+            await mta.start()
+        yield World(policy, bridge, sink, mtas)
+    finally:
+        for mta in mtas.values():
+            await mta.stop()
+        await bridge.stop()
+        await server.stop()
+        await sink.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+MTAS = ["postfix"]
+
+
+@pytest.fixture(params=MTAS)
+def mta_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def fresh(world: World) -> Iterator[World]:
+    """Each scenario starts with a policy that continues and an empty sink."""
+    world.policy.decide = always_continue
+    while not world.sink.messages.empty():
+        world.sink.messages.get_nowait()
+    yield world
+    world.policy.decide = always_continue
