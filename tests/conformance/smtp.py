@@ -64,7 +64,11 @@ def _session(port: int, messages: list[Message], transcript: Transcript, *, rset
                 try:
                     data = smtp.data(message.raw())
                 except smtplib.SMTPDataError as refused:  # DATA itself refused (no 354)
-                    data = (refused.smtp_code, refused.smtp_error)
+                    error = refused.smtp_error
+                    data = (
+                        refused.smtp_code,
+                        error if isinstance(error, bytes) else error.encode(),
+                    )
             if n == 0:
                 transcript.mail, transcript.rcpt, transcript.data = mail, rcpts, data
             else:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.conformance.conftest import World
 from tests.conformance.mods import M, block, modified
-from tests.conformance.smtp import Message
+from tests.conformance.smtp import Message, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -28,7 +30,8 @@ def expected(
     return [*top, FROM, TO, SUBJ, *middle, *MTA_ADDED[mta]]
 
 
-CASES = {
+Want = Callable[[str], list[tuple[str, str]]]
+CASES: dict[str, tuple[list[pb.Modification], Want]] = {
     "add": (
         [M(add_header=pb.AddHeader(name="X-Added", value=b"yes"))],
         lambda m: [*expected(m, XA, REP1, REP2, XB), ("X-Added", "yes")],
@@ -57,7 +60,7 @@ CASES = {
 
 # Insert positions differ: Postfix counts its own Received: header (which the
 # policy never sees), so index 0 lands above it and 1 just below it.
-INSERTS = {
+INSERTS: dict[tuple[str, int], Callable[[], list[tuple[str, str]]]] = {
     ("postfix", 0): lambda: expected("postfix", XA, REP1, REP2, XB, top=(("X-Ins", "v"), R)),
     ("postfix", 1): lambda: expected("postfix", XA, REP1, REP2, XB, top=(R, ("X-Ins", "v"))),
 }
@@ -97,10 +100,8 @@ async def test_eight_bit_and_50_kb_headers_pass_byte_exact(fresh: World, mta_nam
             )
         ]
 
-    fresh.policy.decide = record  # type: ignore[assignment]
+    fresh.policy.decide = record
     message = Message(headers=[("X-Eight", eight_bit), ("X-Big", folded)])
-    from tests.conformance.smtp import send  # noqa: PLC0415
-
     assert (await send(fresh.mtas[mta_name].port, message)).accepted
     delivered = await fresh.sink.next()
     by_name = {h.name: h.value for h in seen}

@@ -1065,9 +1065,10 @@ class EndOfMessage(_message.Message):
     first part.
     """
     body_size: _builtins.int
-    """The body bytes the MTA sent: the full size with BODY_DELIVERY_STREAM or
-    BUFFERED (up to a `skip` verdict), 0 with BODY_DELIVERY_NONE (the MTA is
-    told not to send the body then).
+    """Every body byte the MTA sent for this message, also chunks the policy did
+    not see (after a `skip` verdict the MTA may still send some when it does
+    not support SKIP); 0 with BODY_DELIVERY_NONE (the MTA is told not to send
+    the body then).
     """
     headers_truncated: _builtins.bool
     """True when the headers exceeded the bridge's header buffer limit and
