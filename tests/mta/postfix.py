@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pwd
 import socket
@@ -141,6 +142,17 @@ class Postfix:
             await asyncio.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
+
+    def queue(self) -> list[dict[str, object]]:
+        """The messages in this instance's queues (postqueue -j), e.g. queue_name "hold"."""
+        result = subprocess.run(
+            ["postqueue", "-c", str(self.base / "etc"), "-j"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
     def log(self) -> str:
         path = self.base / "log" / "maillog"
