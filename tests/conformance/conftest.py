@@ -20,7 +20,9 @@ from milter_bridge.config import Config, Listen, ListenKind
 from milter_bridge.server.bridge import Bridge
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.mta.postfix import Postfix
+from tests.mta.sendmail import Sendmail
 from tests.mta.sink import SmtpSink
+from tests.mta.test_sendmail_smoke import require_sendmail
 from tests.prerequisites import require
 from tests.runtime.policy import PolicyServer, ScriptedPolicy, always_continue
 
@@ -53,12 +55,13 @@ class World:
     policy: ScriptedPolicy
     bridge: Bridge
     sink: SmtpSink
-    mtas: dict[str, Postfix]
+    mtas: dict[str, Postfix | Sendmail]
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def world() -> AsyncIterator[World]:
     require(root=True, commands=("postfix",))
+    sendmail_tree = require_sendmail()
     policy = ScriptedPolicy(CAPABILITIES)
     server = PolicyServer(policy)
     await server.start()
@@ -72,8 +75,12 @@ async def world() -> AsyncIterator[World]:
     # Postfix's own users must reach the instance: pytest's tmp_path is 0700.
     base = Path(tempfile.mkdtemp(prefix="milter-bridge-conformance-"))
     base.chmod(0o755)
-    milter = f"inet:127.0.0.1:{bridge.port}"
-    mtas = {"postfix": Postfix(base / "postfix", milter, sink.port)}
+    mtas: dict[str, Postfix | Sendmail] = {
+        "postfix": Postfix(base / "postfix", f"inet:127.0.0.1:{bridge.port}", sink.port),
+        "sendmail": Sendmail(
+            base / "sendmail", f"inet:{bridge.port}@127.0.0.1", sink.port, sendmail_tree
+        ),
+    }
     try:
         for mta in mtas.values():
             await mta.start()
@@ -87,7 +94,7 @@ async def world() -> AsyncIterator[World]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-MTAS = ["postfix"]
+MTAS = ["postfix", "sendmail"]
 
 
 @pytest.fixture(params=MTAS)
@@ -103,3 +110,14 @@ def fresh(world: World) -> Iterator[World]:
         world.sink.messages.get_nowait()
     yield world
     world.policy.decide = always_continue
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+    """On a failing scenario, show the log of the MTA it ran through."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    funcargs = getattr(item, "funcargs", {})
+    world, name = funcargs.get("fresh") or funcargs.get("world"), funcargs.get("mta_name")
+    if report.failed and isinstance(world, World) and name in world.mtas:
+        report.sections.append((f"{name} log", world.mtas[name].log()))

@@ -20,14 +20,21 @@ R, FROM, TO, SUBJ = (
     ("Subject", "test"),
 )
 XA, REP1, REP2, XB = ("X-A", "1"), ("X-Rep", "first"), ("X-Rep", "second"), ("X-B", "2")
-# What each MTA adds to a message from a client in mynetworks, after the client's headers.
-MTA_ADDED = {"postfix": [("Message-Id", ""), ("Date", "")]}
+# What each MTA adds to a message from a client in mynetworks, and where: Postfix
+# after the client's headers, Sendmail right after its Received:.
+MTA_ADDED = {
+    "postfix": [("Message-Id", ""), ("Date", "")],
+    "sendmail": [("Date", ""), ("Message-Id", "")],
+}
 
 
 def expected(
     mta: str, *middle: tuple[str, str], top: tuple[tuple[str, str], ...] = (R,)
 ) -> list[tuple[str, str]]:
-    return [*top, FROM, TO, SUBJ, *middle, *MTA_ADDED[mta]]
+    client = [FROM, TO, SUBJ, *middle]
+    if mta == "sendmail":
+        return [*top, *MTA_ADDED[mta], *client]
+    return [*top, *client, *MTA_ADDED[mta]]
 
 
 Want = Callable[[str], list[tuple[str, str]]]
@@ -58,12 +65,10 @@ CASES: dict[str, tuple[list[pb.Modification], Want]] = {
     ),
 }
 
-# Insert positions differ: Postfix counts its own Received: header (which the
-# policy never sees), so index 0 lands above it and 1 just below it.
-INSERTS: dict[tuple[str, int], Callable[[], list[tuple[str, str]]]] = {
-    ("postfix", 0): lambda: expected("postfix", XA, REP1, REP2, XB, top=(("X-Ins", "v"), R)),
-    ("postfix", 1): lambda: expected("postfix", XA, REP1, REP2, XB, top=(R, ("X-Ins", "v"))),
-}
+# Both MTAs count their own Received: header (which the policy never sees):
+# index 0 lands above it, 1 just below it.
+INSERTED = ("X-Ins", "v")
+INSERT_TOP = {0: (INSERTED, R), 1: (R, INSERTED)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -75,12 +80,9 @@ async def test_header_modifications(fresh: World, mta_name: str, case: str) -> N
 
 @pytest.mark.parametrize("index", [0, 1])
 async def test_insert_header(fresh: World, mta_name: str, index: int) -> None:
-    want = INSERTS.get((mta_name, index))
-    assert want is not None, f"no expectation recorded for {mta_name} index {index}"
-    delivered = await modified(
-        fresh, mta_name, M(insert_header=pb.InsertHeader(index=index, name="X-Ins", value=b"v"))
-    )
-    assert block(delivered) == want()
+    insert = M(insert_header=pb.InsertHeader(index=index, name="X-Ins", value=b"v"))
+    delivered = await modified(fresh, mta_name, insert)
+    assert block(delivered) == expected(mta_name, XA, REP1, REP2, XB, top=INSERT_TOP[index])
 
 
 async def test_eight_bit_and_50_kb_headers_pass_byte_exact(fresh: World, mta_name: str) -> None:

@@ -62,7 +62,10 @@ def reply_seen(stage: str, transcript: object) -> tuple[int, bytes] | None:
     [
         (pb.Verdict(action=pb.ACTION_REJECT), 5),
         (pb.Verdict(action=pb.ACTION_TEMPFAIL), 4),
-        (custom(pb.ACTION_REJECT, 550, "5.7.1", "policy says no"), (550, b"5.7.1 policy says no")),
+        (
+            custom(pb.ACTION_REJECT, 550, "5.7.1", "policy says no"),
+            (550, b"5.7.1 {addr}policy says no"),
+        ),
         (custom(pb.ACTION_TEMPFAIL, 451, "4.7.1", "try later"), (451, b"4.7.1 try later")),
         (
             custom(pb.ACTION_REJECT, 554, "5.7.0", "first line", "second line"),
@@ -81,7 +84,11 @@ async def test_refusals_reach_the_client(
     if isinstance(expected, int):
         assert seen[0] // 100 == expected, seen
     else:
-        assert seen == expected
+        assert isinstance(expected, tuple)
+        assert seen == (
+            expected[0],
+            expected[1].replace(b"{addr}", address_prefix(mta_name, stage)),
+        )
     assert not transcript.accepted
     # Barrier: a later marker arrives, and nothing before it.
     fresh.policy.decide = at("never", pb.Verdict())  # type: ignore[assignment]
@@ -89,12 +96,23 @@ async def test_refusals_reach_the_client(
     assert (await fresh.sink.next()).header("Subject") == ["marker"]
 
 
+def address_prefix(mta: str, stage: str) -> bytes:
+    """Sendmail puts the address before a custom single-line 5xx text at MAIL and RCPT."""
+    if mta != "sendmail" or stage not in ("mail_from", "rcpt_to"):
+        return b""
+    return b"<sender@example.test>... " if stage == "mail_from" else b"<rcpt@example.test>... "
+
+
 async def test_one_of_two_recipients_refused(fresh: World, mta_name: str) -> None:
     answer = custom(pb.ACTION_REJECT, 550, "5.1.1", "no such user here")
     fresh.policy.decide = at("rcpt_to", answer, rcpt="bad@")  # type: ignore[assignment]
     message = Message(rcpts=["bad@example.test", "good@example.test"])
     transcript = await send(fresh.mtas[mta_name].port, message)
-    assert transcript.rcpt == [(550, b"5.1.1 no such user here"), (250, transcript.rcpt[1][1])]
+    prefix = b"<bad@example.test>... " if mta_name == "sendmail" else b""
+    assert transcript.rcpt == [
+        (550, b"5.1.1 " + prefix + b"no such user here"),
+        (250, transcript.rcpt[1][1]),
+    ]
     assert transcript.accepted
     delivered = await fresh.sink.next()
     assert delivered.recipients == ["<good@example.test>"]
@@ -126,6 +144,19 @@ SESSION_REFUSALS: dict[tuple[str, str, str], tuple[object, object, object]] = {
     # Postfix reports a HELO refusal at MAIL FROM, with the policy's text; a 421 at once.
     ("postfix", "helo", "reject"): (220, 250, (550, b"5.7.1 go away")),
     ("postfix", "helo", "custom-421"): (220, (421, b"4.7.0 later"), None),
+    # Debian's Sendmail is built without _FFR_MILTER_CONNECT_REPLYCODE: its own text at connect.
+    ("sendmail", "connect", "reject"): (
+        (554, b"sm.example.test ESMTP not accepting messages"),
+        None,
+        None,
+    ),
+    ("sendmail", "connect", "custom-421"): (
+        (421, b"4.7.0 sm.example.test closing connection"),
+        None,
+        None,
+    ),
+    ("sendmail", "helo", "reject"): (220, 250, (550, b"5.7.1 go away")),
+    ("sendmail", "helo", "custom-421"): (220, (421, b"4.7.0 later"), None),
 }
 SESSION_ANSWERS = {
     "reject": custom(pb.ACTION_REJECT, 550, "5.7.1", "go away"),

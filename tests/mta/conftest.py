@@ -7,6 +7,7 @@ from collections.abc import Generator
 import pytest
 
 from tests.mta.postfix import Postfix
+from tests.mta.sendmail import Sendmail
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -19,3 +20,5 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
             for part in parts:
                 if isinstance(part, Postfix):
                     report.sections.append(("Postfix maillog", part.log()))
+                elif isinstance(part, Sendmail):
+                    report.sections.append(("Sendmail log", part.log()))

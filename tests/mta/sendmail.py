@@ -92,10 +92,18 @@ def _missing(root: Path) -> list[str]:
     return [p for p in PACKAGES if not present(p)]
 
 
+def unpacked_sendmail(cache: Path | None = None) -> SendmailTree | None:
+    """The unpacked tree if it is complete (no download: tests run without a network)."""
+    tree = SendmailTree((cache or sendmail_cache()) / "root")
+    return None if _missing(tree.root) else tree
+
+
 def ensure_sendmail(cache: Path | None = None) -> SendmailTree:
     """Fetch and unpack what is missing into cache/root (idempotent; safe to run concurrently).
 
-    Needs apt's package lists (`apt-get update`) on the first run only.
+    Needs the network and apt's package lists (`apt-get update`) when something is
+    missing, so it runs before the tests (`python -m tests.mta.sendmail`, as .ci/run
+    does): a root test run has no network (tests/conftest.py).
     """
     cache = cache or sendmail_cache()
     tree = SendmailTree(cache / "root")
@@ -149,6 +157,8 @@ VERSIONID(`milter-bridge test instance')dnl
 OSTYPE(`linux')dnl
 define(`confDOMAIN_NAME', `{fqdn}')dnl
 define(`confDONT_PROBE_INTERFACES', `True')dnl
+# Headers up to 256 KB in all (default 32 KB), as sites that expect large headers set it.
+define(`confMAX_HEADERS_LENGTH', `262144')dnl
 define(`confSERVICE_SWITCH_FILE', `{base}/service.switch')dnl
 define(`confBIND_OPTS', `-DNSRCH -DEFNAMES')dnl
 define(`QUEUE_DIR', `{base}/queue')dnl
@@ -269,7 +279,10 @@ class Sendmail:
 
     async def start(self) -> None:
         if self.tree is None:
-            self.tree = await asyncio.to_thread(ensure_sendmail)
+            self.tree = unpacked_sendmail()
+        if self.tree is None:
+            msg = f"Sendmail is not unpacked in {sendmail_cache()}: python -m tests.mta.sendmail"
+            raise RuntimeError(msg)
         await asyncio.to_thread(self._build_cf)
         self._listen_syslog()
         command = [
@@ -371,6 +384,9 @@ class Sendmail:
             await asyncio.sleep(0.02)
 
     def log(self) -> str:
+        """Sendmail's syslog lines, its stdout/stderr and its -X SMTP trace (in and out)."""
+        if self._syslog_socket is not None:
+            self._read_syslog()  # what arrived since the event loop last ran
         parts = ["--- syslog (/dev/log) ---", *self.syslog]
         for name, title in (("daemon.out", "stdout/stderr"), ("smtp-trace.log", "-X trace")):
             path = self.base / name
@@ -411,3 +427,8 @@ class Sendmail:
             elif (match := re.match(r"^\s+QUARANTINE:\s*(.*)$", line)) and queue_id:
                 found[queue_id] = match[1]
         return found
+
+
+if __name__ == "__main__":
+    fetched = ensure_sendmail()
+    print(f"sendmail {fetched.version} unpacked in {fetched.root}")
