@@ -16,6 +16,7 @@ from tests.conformance.conftest import World
 from tests.conformance.mods import M, at_end
 from tests.conformance.smtp import Message, send
 from tests.mta.postfix import Postfix
+from tests.mta.sendmail import Sendmail
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -49,7 +50,7 @@ async def test_a_policy_taking_15_seconds_at_end_of_message(fresh: World, mta_na
     assert (await fresh.sink.next()).header("X-Slow") == ["15s"]
 
 
-async def test_unix_socket_listener(fresh: World) -> None:
+async def test_unix_socket_listener(fresh: World, mta_name: str) -> None:
     base = Path(tempfile.mkdtemp(prefix="milter-bridge-unix-"))
     base.chmod(0o755)
     socket = base / "bridge.sock"
@@ -57,13 +58,18 @@ async def test_unix_socket_listener(fresh: World) -> None:
     config = Config(listen=listen, upstream=fresh.bridge.config.upstream, socket_mode=0o666)
     bridge = Bridge(config)
     await bridge.start()
-    postfix = Postfix(base / "postfix", f"unix:{socket}", fresh.sink.port)
+    mta: Postfix | Sendmail
+    if mta_name == "postfix":
+        mta = Postfix(base / "postfix", f"unix:{socket}", fresh.sink.port)
+    else:
+        tree = fresh.mtas["sendmail"].tree  # type: ignore[union-attr]
+        mta = Sendmail(base / "sendmail", f"unix:{socket}", fresh.sink.port, tree)
     try:
-        await postfix.start()
+        await mta.start()
         fresh.policy.decide = at_end(M(add_header=pb.AddHeader(name="X-Via", value=b"unix")))
-        assert (await send(postfix.port, Message(subject="over unix"))).accepted
+        assert (await send(mta.port, Message(subject="over unix"))).accepted
         assert (await fresh.sink.next()).header("X-Via") == ["unix"]
     finally:
-        await postfix.stop()
+        await mta.stop()
         await bridge.stop()
         shutil.rmtree(base, ignore_errors=True)
