@@ -157,10 +157,43 @@ SESSION_REFUSALS: dict[tuple[str, str, str], tuple[object, object, object]] = {
     ),
     ("sendmail", "helo", "reject"): (220, 250, (550, b"5.7.1 go away")),
     ("sendmail", "helo", "custom-421"): (220, (421, b"4.7.0 later"), None),
+    # A refusal that is not a 421 waits for MAIL FROM on both (4xx), or ends the session at
+    # CONNECT (5xx); Sendmail shows its own text for what came at CONNECT.
+    ("postfix", "connect", "tempfail"): (
+        220,
+        250,
+        (451, b"4.7.1 Service unavailable - try again later"),
+    ),
+    ("postfix", "helo", "tempfail"): (
+        220,
+        250,
+        (451, b"4.7.1 Service unavailable - try again later"),
+    ),
+    ("postfix", "connect", "custom-451"): (220, 250, (451, b"4.7.1 later please")),
+    ("postfix", "helo", "custom-451"): (220, 250, (451, b"4.7.1 later please")),
+    ("postfix", "connect", "multi-line"): (
+        (554, b"mta.example.test ESMTP not accepting connections"),
+        None,
+        None,
+    ),
+    ("postfix", "helo", "multi-line"): (220, 250, (554, b"5.7.1 first line\n5.7.1 second line")),
+    ("sendmail", "connect", "tempfail"): (220, 250, (451, b"4.3.2 Please try again later")),
+    ("sendmail", "helo", "tempfail"): (220, 250, (451, b"4.3.2 Please try again later")),
+    ("sendmail", "connect", "custom-451"): (220, 250, (451, b"4.3.2 Please try again later")),
+    ("sendmail", "helo", "custom-451"): (220, 250, (451, b"4.7.1 later please")),
+    ("sendmail", "connect", "multi-line"): (
+        (554, b"sm.example.test ESMTP not accepting messages"),
+        None,
+        None,
+    ),
+    ("sendmail", "helo", "multi-line"): (220, 250, (554, b"5.7.1 first line\n5.7.1 second line")),
 }
 SESSION_ANSWERS = {
     "reject": custom(pb.ACTION_REJECT, 550, "5.7.1", "go away"),
     "custom-421": custom(pb.ACTION_TEMPFAIL, 421, "4.7.0", "later"),
+    "tempfail": pb.Verdict(action=pb.ACTION_TEMPFAIL),
+    "custom-451": custom(pb.ACTION_TEMPFAIL, 451, "4.7.1", "later please"),
+    "multi-line": custom(pb.ACTION_REJECT, 554, "5.7.1", "first line", "second line"),
 }
 
 
