@@ -8,7 +8,7 @@ import pytest
 
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.conformance.conftest import World
-from tests.conformance.mods import M, block, modified
+from tests.conformance.mods import M, at_end, block, modified
 from tests.conformance.smtp import Message, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -113,3 +113,30 @@ async def test_eight_bit_and_large_headers_pass_byte_exact(fresh: World, mta_nam
     raw = delivered.data
     assert b"X-Eight: " + eight_bit + b"\r\n" in raw
     assert b"X-Big: " + folded + b"\r\n" in raw
+
+
+async def test_leading_space_as_libmilter_has_it(fresh: World, mta_name: str) -> None:
+    # Without HDR_LEADSPC both MTAs remove the one space after the colon from what
+    # the policy sees, and add one to what the policy adds; the message keeps its own.
+    seen: dict[str, bytes] = {}
+
+    async def record_and_add(request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
+        if request.WhichOneof("event") == "header":
+            seen[request.header.name] = request.header.value
+        if request.WhichOneof("event") == "end_of_message":
+            return await at_end(M(add_header=pb.AddHeader(name="X-New", value=b"added")))(request)
+        return [
+            pb.ProcessResponse(
+                sequence=request.sequence, verdict=pb.Verdict(action=pb.ACTION_CONTINUE)
+            )
+        ]
+
+    fresh.policy.decide = record_and_add
+    message = Message(headers=[("X-Spaced", b"  two spaces"), ("X-Tab", b"\ttab")])
+    assert (await send(fresh.mtas[mta_name].port, message)).accepted
+    delivered = await fresh.sink.next()
+    # On the wire: "X-Spaced:   two spaces" and "X-Tab: \ttab" (Message adds ": ").
+    assert seen["X-Spaced"] == b"  two spaces"  # exactly one space removed
+    assert seen["X-Tab"] == b"\ttab"
+    assert b"\r\nX-Spaced:   two spaces\r\n" in delivered.data
+    assert b"\r\nX-New: added\r\n" in delivered.data
