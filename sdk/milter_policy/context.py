@@ -1,0 +1,192 @@
+"""The context a handler gets: what is known of the connection and message, and the actions.
+
+One Context per SMTP session (one Process stream). Verdict methods set the
+answer to the current event; modification methods are valid only in the
+end-of-message handler and go out in call order before the verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from milter_bridge.v1 import policy_pb2 as pb
+
+__all__ = ["Client", "Context", "Envelope", "PolicyUsageError"]
+
+
+class PolicyUsageError(Exception):
+    """An action called where it is not valid (e.g. add_header() outside end_of_message)."""
+
+
+@dataclass
+class Client:
+    """The SMTP client, as the MTA saw it."""
+
+    hostname: str = ""
+    address: str = ""
+    port: int = 0
+    family: str = "unknown"  # "inet", "inet6", "unix" or "unknown"
+
+
+@dataclass
+class Envelope:
+    """The current message's envelope, as far as it is known."""
+
+    sender: str = ""
+    sender_args: list[str] = field(default_factory=list)
+    recipients: list[str] = field(default_factory=list)
+
+
+_FAMILY: dict[int, str] = {
+    pb.ADDRESS_FAMILY_INET: "inet",
+    pb.ADDRESS_FAMILY_INET6: "inet6",
+    pb.ADDRESS_FAMILY_UNIX: "unix",
+}
+
+
+class Context:
+    """A connection's state and the actions for the event being handled."""
+
+    def __init__(self) -> None:
+        self.connection_id = ""
+        self.protocol_version = 0
+        self.client = Client()
+        self.helo = ""
+        self.envelope = Envelope()
+        # (name, value) pairs in message order, as far as delivered to this policy.
+        self.headers: list[tuple[str, bytes]] = []
+        self.body = b""
+        self.body_truncated = False
+        # Per connection, for the policy's own use; kept across messages.
+        self.state: dict[str, Any] = {}
+        self._macros: dict[str, str] = {}
+        self._event = ""
+        self._verdict: pb.Verdict | None = None
+        self._modifications: list[pb.Modification] = []
+        self._send_progress: Callable[[], object] | None = None
+
+    # -- what is known ---------------------------------------------------------
+
+    @property
+    def macros(self) -> dict[str, str]:
+        """All macros received so far, by name without braces (``j``, ``i``, ``auth_authen``)."""
+        return dict(self._macros)
+
+    def macro(self, name: str, default: str | None = None) -> str | None:
+        """One macro; ``j`` and ``{j}`` are the same name."""
+        bare = name[1:-1] if name.startswith("{") and name.endswith("}") else name
+        return self._macros.get(bare, default)
+
+    def header(self, name: str) -> list[bytes]:
+        """The values of every header with this name (case-insensitive), in order."""
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+    # -- verdicts --------------------------------------------------------------
+
+    def _set(self, action: int, reply: pb.SmtpReply | None = None) -> None:
+        self._verdict = pb.Verdict(action=action)  # type: ignore[arg-type]
+        if reply is not None:
+            self._verdict.reply.CopyFrom(reply)
+
+    def continue_(self) -> None:
+        """Go on (the default when a handler sets no verdict)."""
+        self._set(pb.ACTION_CONTINUE)
+
+    def accept(self) -> None:
+        """Accept the message (at connect or helo: the whole session) without further events."""
+        self._set(pb.ACTION_ACCEPT)
+
+    def discard(self) -> None:
+        """Accept the message and drop it silently (from mail_from on)."""
+        self._set(pb.ACTION_DISCARD)
+
+    def skip(self) -> None:
+        """Send no more body chunks for this message (in the body handler)."""
+        self._set(pb.ACTION_SKIP)
+
+    def reject(
+        self, text: str | Sequence[str] | None = None, *, code: int = 550, xcode: str = "5.7.1"
+    ) -> None:
+        """Refuse permanently; with ``text`` (one line or several) as a custom reply."""
+        self._refuse(pb.ACTION_REJECT, text, code, xcode)
+
+    def tempfail(
+        self, text: str | Sequence[str] | None = None, *, code: int = 451, xcode: str = "4.7.1"
+    ) -> None:
+        """Refuse temporarily; with ``text`` (one line or several) as a custom reply."""
+        self._refuse(pb.ACTION_TEMPFAIL, text, code, xcode)
+
+    def _refuse(self, action: int, text: str | Sequence[str] | None, code: int, xcode: str) -> None:
+        if text is None:
+            self._set(action)
+            return
+        lines = [text] if isinstance(text, str) else list(text)
+        self._set(action, pb.SmtpReply(code=code, enhanced_code=xcode, lines=lines))
+
+    def progress(self) -> None:
+        """Tell the MTA the policy is still working (end_of_message only; the bridge also does)."""
+        self._only_at_eom("progress")
+        if self._send_progress is not None:
+            self._send_progress()
+
+    # -- modifications (end_of_message only) -------------------------------------
+
+    def _only_at_eom(self, what: str) -> None:
+        if self._event != "end_of_message":
+            where = f"in {self._event}" if self._event else "outside a handler"
+            msg = f"{what}() is only valid in the end_of_message handler, not {where}"
+            raise PolicyUsageError(msg)
+
+    def _modify(self, what: str, **modification: Any) -> None:
+        self._only_at_eom(what)
+        self._modifications.append(pb.Modification(**modification))
+
+    def add_header(self, name: str, value: str | bytes) -> None:
+        """Append a header."""
+        self._modify("add_header", add_header=pb.AddHeader(name=name, value=_bytes(value)))
+
+    def insert_header(self, index: int, name: str, value: str | bytes) -> None:
+        """Insert a header; 0 is above the MTA's own Received: header, 1 just below it."""
+        insert = pb.InsertHeader(index=index, name=name, value=_bytes(value))
+        self._modify("insert_header", insert_header=insert)
+
+    def change_header(self, name: str, value: str | bytes, index: int = 1) -> None:
+        """Replace occurrence ``index`` (from 1) of a header."""
+        change = pb.ChangeHeader(name=name, index=index, value=_bytes(value))
+        self._modify("change_header", change_header=change)
+
+    def delete_header(self, name: str, index: int = 1) -> None:
+        """Remove occurrence ``index`` (from 1); for several, delete from the last one back."""
+        self._modify("delete_header", delete_header=pb.DeleteHeader(name=name, index=index))
+
+    def add_recipient(self, address: str, args: Iterable[str] = ()) -> None:
+        """Add a recipient, optionally with ESMTP arguments such as ``NOTIFY=NEVER``."""
+        add = pb.AddRecipient(address=address, esmtp_args=list(args))
+        self._modify("add_recipient", add_recipient=add)
+
+    def delete_recipient(self, address: str) -> None:
+        """Remove a recipient, given as the MTA sent it (e.g. ``<a@example.org>``)."""
+        self._modify("delete_recipient", delete_recipient=pb.DeleteRecipient(address=address))
+
+    def replace_body(self, body: bytes) -> None:
+        """Replace the whole body (lines end with CRLF)."""
+        self._modify("replace_body", replace_body=pb.ReplaceBody(body=body))
+
+    def set_sender(self, address: str, args: Iterable[str] = ()) -> None:
+        """Change the envelope sender, optionally with ESMTP arguments."""
+        change = pb.ChangeSender(address=address, esmtp_args=list(args))
+        self._modify("set_sender", change_sender=change)
+
+    def quarantine(self, reason: str) -> None:
+        """Hold the message (Postfix: hold queue; Sendmail: quarantine)."""
+        self._modify("quarantine", quarantine=pb.Quarantine(reason=reason))
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def family_name(family: int) -> str:
+    return _FAMILY.get(family, "unknown")

@@ -1,0 +1,141 @@
+"""Serving a Policy over gRPC: PolicyService, health, reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+
+from milter_bridge.v1 import policy_pb2 as pb
+from milter_bridge.v1 import policy_pb2_grpc
+from milter_policy.dispatch import Dispatcher
+from milter_policy.policy import Policy
+
+log = logging.getLogger("milter_policy")
+
+__all__ = ["PolicyServer"]
+
+_END = object()
+
+
+class _Service(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, policy: Policy, executor: ThreadPoolExecutor) -> None:
+        self.policy = policy
+        self.executor = executor
+        self.capabilities = policy.capabilities()
+        self.fingerprint = policy.fingerprint
+
+    async def Describe(  # noqa: N802 - gRPC method name
+        self,
+        request: pb.DescribeRequest,  # noqa: ARG002
+        context: grpc.aio.ServicerContext[pb.DescribeRequest, pb.DescribeResponse],  # noqa: ARG002
+    ) -> pb.DescribeResponse:
+        return pb.DescribeResponse(capabilities=self.capabilities, fingerprint=self.fingerprint)
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.ProcessRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessRequest, pb.ProcessResponse],
+    ) -> AsyncIterator[pb.ProcessResponse]:
+        out: asyncio.Queue[object] = asyncio.Queue()
+        dispatcher = Dispatcher(self.policy, self.executor, on_progress=out.put_nowait)
+
+        async def consume() -> None:
+            try:
+                async for request in request_iterator:
+                    if request.HasField("start") and request.start.fingerprint not in (
+                        "",
+                        self.fingerprint,
+                    ):
+                        out.put_nowait(grpc.StatusCode.FAILED_PRECONDITION)
+                        return
+                    if request.HasField("start"):
+                        log.info("connection %s", request.start.session_id)
+                    for response in await dispatcher.handle(request):
+                        out.put_nowait(response)
+                await dispatcher.close()
+            finally:
+                out.put_nowait(_END)
+
+        task = asyncio.create_task(consume())
+        try:
+            while (item := await out.get()) is not _END:
+                if isinstance(item, grpc.StatusCode):
+                    await context.abort(item, "the policy's capabilities changed")
+                assert isinstance(item, pb.ProcessResponse)
+                yield item
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+class PolicyServer:
+    """A Policy on a gRPC port: ``await server.start()``, ``await server.stop()``."""
+
+    def __init__(self, policy: Policy, address: str) -> None:
+        self.policy = policy
+        self.address = address
+        self.port = 0
+        self._executor = ThreadPoolExecutor(policy.workers, thread_name_prefix=policy.name)
+        # so_reuseport off: a second server on the same port must fail, not share it.
+        self._server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
+        )
+
+    async def start(self) -> None:
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+            _Service(self.policy, self._executor), self._server
+        )
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
+        service = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
+        reflection.enable_server_reflection(
+            (
+                service,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(self.address)
+        await self._server.start()
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "policy %r serving on %s (fingerprint %s)",
+            self.policy.name,
+            self.address,
+            self.policy.fingerprint,
+        )
+
+    async def stop(self, grace: float | None = 30.0) -> None:
+        """Stop taking streams; those in flight get ``grace`` seconds to end."""
+        await self._server.stop(grace)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve_async(policy: Policy, address: str, *, grace: float = 30.0) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    server = PolicyServer(policy, address)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("policy %r stopping", policy.name)
+    await server.stop(grace)
