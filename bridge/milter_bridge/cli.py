@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -30,6 +31,7 @@ from milter_bridge.config import (
     parse_listen,
     warnings_for,
 )
+from milter_bridge.embedded import EMBEDDED, embedded_policy
 from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
@@ -224,7 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     for warning in warnings_for(config):
         logging.getLogger("milter_bridge").warning("%s", warning)
     try:
-        _run(config)
+        if config.upstream == EMBEDDED:
+            logging.getLogger("milter_bridge").warning(
+                "--upstream embedded: running the bundled demo policy (stamps a header)"
+            )
+            with embedded_policy() as target:
+                _run(replace(config, upstream=target))
+        else:
+            _run(config)
     except OSError as exc:  # e.g. the listen address is taken
         print(f"milter-bridge: --listen {config.listen}: {exc}", file=sys.stderr)
         return 1

@@ -50,6 +50,8 @@ class Bridge:
                 self._accept, listen.host, listen.port, reuse_address=True
             )
         log.info("listening on %s, policy at %s", self.address, self.config.upstream)
+        for line in mta_settings(self.address):
+            log.info("%s", line)
 
     @property
     def address(self) -> str:
@@ -157,3 +159,20 @@ async def _in_use(path: Path) -> bool:
         return False
     writer.close()
     return True
+
+
+def mta_settings(address: str) -> list[str]:
+    """The lines that point Postfix and Sendmail at this listen address."""
+    kind, _, rest = address.partition(":")
+    if kind == "unix":
+        postfix, sendmail = f"unix:{rest}", f"unix:{rest}"
+    else:
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        postfix = f"inet:{host}:{port}" if kind == "inet" else f"inet6:[{host}]:{port}"
+        sendmail = f"inet:{port}@{host}" if kind == "inet" else f"inet6:{port}@{host}"
+    return [
+        f"Postfix main.cf: smtpd_milters = {postfix}",
+        "Postfix main.cf: non_smtpd_milters = $smtpd_milters",
+        f"Sendmail .mc: INPUT_MAIL_FILTER(`bridge', `S={sendmail}, F=T, T=C:10s;S:10s;R:10s;E:5m')",
+    ]
