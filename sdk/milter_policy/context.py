@@ -39,6 +39,10 @@ class Envelope:
     recipients: list[str] = field(default_factory=list)
 
 
+# Macro stages in the order of a session; entering one of _CLEARS_LATER makes later ones stale.
+_STAGES = ("connect", "helo", "mail_from", "rcpt_to", "data", "end_of_headers", "end_of_message")
+_CLEARS_LATER = frozenset({"connect", "helo", "mail_from", "rcpt_to"})
+
 _FAMILY: dict[int, str] = {
     pb.ADDRESS_FAMILY_INET: "inet",
     pb.ADDRESS_FAMILY_INET6: "inet6",
@@ -61,7 +65,9 @@ class Context:
         self.body_truncated = False
         # Per connection, for the policy's own use; kept across messages.
         self.state: dict[str, Any] = {}
-        self._macros: dict[str, str] = {}
+        # Macros per stage, invalidated as libmilter does (a new MAIL FROM clears
+        # those of RCPT TO and later, and so on).
+        self._stages: dict[str, dict[str, str]] = {}
         self._event = ""
         self._verdict: pb.Verdict | None = None
         self._modifications: list[pb.Modification] = []
@@ -71,13 +77,27 @@ class Context:
 
     @property
     def macros(self) -> dict[str, str]:
-        """All macros received so far, by name without braces (``j``, ``i``, ``auth_authen``)."""
-        return dict(self._macros)
+        """The macros valid now, by name without braces (``j``, ``i``, ``auth_authen``)."""
+        merged: dict[str, str] = {}
+        for stage in _STAGES:  # later stages win
+            merged.update(self._stages.get(stage, {}))
+        return merged
 
     def macro(self, name: str, default: str | None = None) -> str | None:
         """One macro; ``j`` and ``{j}`` are the same name."""
         bare = name[1:-1] if name.startswith("{") and name.endswith("}") else name
-        return self._macros.get(bare, default)
+        return self.macros.get(bare, default)
+
+    def _enter_stage(self, event: str, macros: dict[str, str]) -> None:
+        if event in _CLEARS_LATER:
+            for later in _STAGES[_STAGES.index(event) + 1 :]:
+                self._stages.pop(later, None)
+        if event in _STAGES:
+            self._replace_stage(event, macros)
+
+    def _replace_stage(self, stage: str, macros: dict[str, str]) -> None:
+        if stage in _STAGES:
+            self._stages[stage] = macros
 
     def header(self, name: str) -> list[bytes]:
         """The values of every header with this name (case-insensitive), in order."""

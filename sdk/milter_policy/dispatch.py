@@ -39,8 +39,8 @@ class Dispatcher:
     async def handle(self, request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
         """The responses to one request (none for observed events)."""
         ctx = self.ctx
-        ctx._macros.update(request.macros)
         event = request.WhichOneof("event")
+        ctx._enter_stage(str(event), dict(request.macros))
         if event == "start":
             ctx.connection_id = request.start.session_id
             ctx.protocol_version = request.start.negotiated.protocol_version
@@ -52,8 +52,8 @@ class Dispatcher:
             if not await self._call(request.sequence, name, args):
                 failed = True
                 break
-        if event == "abort":
-            self._new_message()
+        if event in ("abort", "end_of_message"):
+            self._new_message()  # the next message starts clean (also without mail_from)
         if not request.reply_expected:
             return []
         return [self._answer(request, at_eom=event == "end_of_message", failed=failed)]
@@ -111,6 +111,8 @@ class Dispatcher:
 
     def _fill_from_end_of_message(self, eom: pb.EndOfMessage) -> None:
         ctx = self.ctx
+        if self.policy.eom_headers:
+            ctx.headers = [(h.name, h.value) for h in eom.headers]
         if eom.HasField("envelope"):
             e = eom.envelope
             if e.HasField("connect"):
@@ -123,10 +125,8 @@ class Dispatcher:
                 sender_args=list(e.mail_from.esmtp_args),
                 recipients=[r.address for r in e.recipients],
             )
-            for stage in e.macros.values():
-                ctx._macros.update(stage.values)
-        if eom.headers:
-            ctx.headers = [(h.name, h.value) for h in eom.headers]
+            for stage, macros in e.macros.items():
+                ctx._replace_stage(stage, dict(macros.values))
         if self.policy.eom_body:
             ctx.body, ctx.body_truncated = eom.body, eom.body_truncated
 

@@ -147,6 +147,10 @@ class Policy:
         """Handler(ctx) for DATA."""
         return self._decorator("data", func, observe=observe)
 
+    @overload
+    def header(self, func: H) -> H: ...
+    @overload
+    def header(self, *, observe: bool = ..., batch: bool = ...) -> Callable[[H], H]: ...
     def header(self, func: H | None = None, *, observe: bool = False, batch: bool = False) -> Any:
         """Handler(ctx, name, value: bytes) per header. ``batch=True``: the headers come
         together at end of headers (one round trip) and the handler is called for each."""
@@ -169,6 +173,18 @@ class Policy:
         """Handler(ctx, chunk: bytes) per body piece (CRLF line ends); ctx.skip() stops them."""
         return self._decorator("body", func, observe=observe)
 
+    @overload
+    def end_of_message(self, func: H) -> H: ...
+    @overload
+    def end_of_message(
+        self,
+        *,
+        observe: bool = ...,
+        envelope: bool = ...,
+        headers: bool = ...,
+        body: bool | int = ...,
+        actions: Iterable[str] | None = ...,
+    ) -> Callable[[H], H]: ...
     def end_of_message(
         self,
         func: H | None = None,
@@ -197,6 +213,10 @@ class Policy:
         self.actions = frozenset() if observe else chosen
         return self._decorator("end_of_message", func, observe=observe)
 
+    @overload
+    def unknown(self, func: H) -> H: ...
+    @overload
+    def unknown(self, *, observe: bool = ...) -> Callable[[H], H]: ...
     def unknown(self, func: H | None = None, *, observe: bool = False) -> Any:
         """Handler(ctx, command) for an SMTP command the MTA did not recognise."""
         return self._decorator("unknown", func, observe=observe)

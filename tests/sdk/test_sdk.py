@@ -229,3 +229,20 @@ async def test_testing_helper_gives_what_the_bridge_gives() -> None:
     assert [q.WhichOneof("event") for q in result.requests] == [
         "end_of_message"
     ]  # the rest collected
+
+
+async def test_macros_of_an_earlier_message_do_not_linger() -> None:
+    policy = Policy("macros", macros={"end_of_message": ["i"]})
+    seen: list[str | None] = []
+
+    @policy.end_of_message(envelope=False, headers=False)
+    def remember(ctx: Context) -> None:
+        seen.append(ctx.macro("i"))
+
+    async with bridged(policy) as bridge:
+        client = await mta(bridge)
+        assert await client.command(*h.eom()) == [r.Continue()]  # D E with i=QID1
+        second = cmd.DefineMacro(b"E", ((b"j", b"mx"),))  # a new message: no i
+        assert await client.command(second, cmd.EndOfMessage()) == [r.Continue()]
+        await client.close()
+    assert seen == ["QID1", None]  # the end-of-message macros are the new message's
