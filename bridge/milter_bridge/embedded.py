@@ -10,6 +10,7 @@ import contextlib
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,10 @@ def embedded_policy() -> Iterator[str]:
         [sys.executable, "-m", "milter_policy.demo", "--listen", f"unix:{socket}"]
     )
     try:
+        for _ in range(200):  # readiness: the policy's socket exists (10 s at most)
+            if socket.exists() or child.poll() is not None:
+                break
+            time.sleep(0.05)
         yield f"unix:{socket}"
     finally:
         child.terminate()
