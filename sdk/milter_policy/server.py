@@ -94,6 +94,7 @@ class PolicyServer:
         )
 
     async def start(self) -> None:
+        """Listen and serve: PolicyService, gRPC health (SERVING) and reflection."""
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(
             _Service(self.policy, self._executor), self._server
         )
@@ -125,6 +126,7 @@ class PolicyServer:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def wait(self) -> None:
+        """Until the server has stopped."""
         await self._server.wait_for_termination()
 
 

@@ -60,6 +60,7 @@ async def check_async(  # noqa: PLR0915 - one SMTP conversation, step by step
     helo: str = "client.example.test",
     macros: dict[str, dict[str, str]] | None = None,
 ) -> Result:
+    """One SMTP conversation through the policy; its verdicts and modifications."""
     caps = policy.capabilities()
     modes = caps.events
     result = Result()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from milter_bridge.protocol.constants import ProtocolFlag
 from milter_bridge.server.bridge import Bridge
 from milter_bridge.v1 import policy_pb2 as pb
 from milter_policy import Context, Policy, PolicyServer, PolicyUsageError
-from milter_policy.testing import check_async
+from milter_policy.testing import check_async, check_eml
 from tests.runtime.mta_client import MtaClient
 from tests.session import harness as h
 
@@ -246,3 +247,39 @@ async def test_macros_of_an_earlier_message_do_not_linger() -> None:
         assert await client.command(second, cmd.EndOfMessage()) == [r.Continue()]
         await client.close()
     assert seen == ["QID1", None]  # the end-of-message macros are the new message's
+
+
+async def test_testing_helper_matches_the_real_bridge(tmp_path: Path) -> None:
+    policy = stamper()
+    async with bridged(policy) as bridge:
+        client = await mta(bridge)
+        await client.send(*h.connect(), *h.mail(), *h.rcpt(), cmd.Header(b"Subject", b"cross"))
+        wire = await client.command(*h.eom())
+        await client.close()
+    result = await check_async(policy, headers=[("Subject", "cross")])
+    # The same answer, once as milter packets and once as the policy's messages.
+    assert wire == [r.AddHeader(b"X-Stamped", b"for cross"), r.Accept()]
+    assert [(m.add_header.name, m.add_header.value) for m in result.modifications] == [
+        ("X-Stamped", b"for cross")
+    ]
+    assert result.final.action == pb.ACTION_ACCEPT
+    eml = tmp_path / "message.eml"
+    eml.write_bytes(
+        b"From: a@example.org\r\nTo: b@example.net\r\nSubject: from a file\r\n\r\nhi\r\n"
+    )
+    from_file = await asyncio.to_thread(check_eml, policy, eml)
+    assert from_file.modifications[0].add_header.value == b"for from a file"
+
+
+def test_every_public_name_is_documented() -> None:
+    import milter_policy  # noqa: PLC0415
+    import milter_policy.testing  # noqa: PLC0415
+
+    for module in (milter_policy, milter_policy.testing):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if callable(obj):
+                assert obj.__doc__, f"{module.__name__}.{name}"
+                for attr, member in vars(obj).items() if isinstance(obj, type) else ():
+                    if not attr.startswith("_") and callable(member):
+                        assert member.__doc__, f"{module.__name__}.{name}.{attr}"
