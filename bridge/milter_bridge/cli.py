@@ -17,7 +17,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from milter_bridge import __version__
+from milter_bridge import __version__, probe
 from milter_bridge.config import (
     DEFAULT_DEADLINE,
     DEFAULT_EOM_DEADLINE,
@@ -85,6 +85,7 @@ def explain(path: Path, offer: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="milter-bridge",
+        epilog="milter-bridge probe --connect SPEC: check that a bridge listens and negotiates.",
         description="Speaks milter to Postfix and Sendmail, forwards SMTP events to gRPC policies.",
     )
     add = parser.add_argument
@@ -206,6 +207,9 @@ def config_from(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["probe"]:
+        return probe.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.explain is not None:
         try:
