@@ -39,7 +39,7 @@ async def test_probe_a_listening_bridge_and_a_closed_port() -> None:
         await server.stop()
     code, _, err = await run_probe("--connect", f"inet:127.0.0.1:{port}", "--timeout", "2")
     assert code == 1
-    assert "refused" in err.lower()
+    assert "connect call failed" in err.lower()
     code, _, err = await run_probe("--connect", "tcp:x")
     assert code == 2
     assert "--connect: 'tcp:x' is not" in err
