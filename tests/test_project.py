@@ -46,6 +46,14 @@ def test_proto_passes_buf_lint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_proto_has_no_breaking_change_against_the_released_baseline() -> None:
+    # api/milter_bridge.v1.binpb is written only by scripts/release_api.py.
+    buf = shutil.which("buf")
+    assert buf is not None, "buf not found: pip install -e '.[dev]' (buf-bin)"
+    result = _run(buf, "breaking", "--against", "api/milter_bridge.v1.binpb")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_ruff_clean() -> None:
     check = _run(sys.executable, "-m", "ruff", "check", ".")
     assert check.returncode == 0, check.stdout

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import grpc.aio
+import pytest
 
 from milter_bridge.config import Config, Listen, ListenKind
 from milter_bridge.protocol import replies as r
@@ -84,3 +85,29 @@ async def test_listen_on_ipv6_loopback() -> None:
     finally:
         await bridge.stop()
         await server.stop()
+
+
+async def test_load_spreads_over_three_replicas_and_survives_one_dying(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replicas = [PolicyServer(ScriptedPolicy(CAPS)) for _ in range(3)]
+    for replica in replicas:
+        await replica.start()
+    bridge = bridge_for("ipv4:" + ",".join(f"127.0.0.1:{x.port}" for x in replicas))
+    await bridge.start()
+    try:
+        assert await bridge.capabilities.plan(10.0) is not None
+        await sessions(bridge, 30)
+        counts = [len(x.policy.streams) for x in replicas]
+        assert min(counts) >= 5, counts  # every replica took a share
+        await replicas[0].stop()  # one replica dies
+        before = [len(x.policy.streams) for x in replicas]
+        await sessions(bridge, 20)  # each session asserts its CONNECT got Continue
+        after = [len(x.policy.streams) for x in replicas]
+        assert after[0] == before[0]  # nothing more went to the dead one
+        assert sum(after) - sum(before) == 20
+        assert "policy failure" not in caplog.text  # no failure action anywhere
+    finally:
+        await bridge.stop()
+        for replica in replicas:
+            await replica.stop()
