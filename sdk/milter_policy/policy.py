@@ -231,8 +231,12 @@ class Policy:
 
     # -- serving -------------------------------------------------------------
 
-    def serve(self, address: str = "[::]:50051") -> None:
-        """Serve until SIGTERM or SIGINT (then finish what is in flight)."""
+    def serve(
+        self, address: str = "[::]:50051", *, max_connection_age: float | None = None
+    ) -> None:
+        """Serve until SIGTERM or SIGINT (then finish what is in flight).
+
+        ``max_connection_age``: see PolicyServer (for replicas behind a load balancer)."""
         import asyncio  # noqa: PLC0415
 
         from milter_policy.server import serve_async  # noqa: PLC0415 - server imports policy
@@ -240,13 +244,15 @@ class Policy:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
-        asyncio.run(serve_async(self, address))
+        asyncio.run(serve_async(self, address, max_connection_age=max_connection_age))
 
-    async def serve_async(self, address: str = "[::]:50051") -> None:
+    async def serve_async(
+        self, address: str = "[::]:50051", *, max_connection_age: float | None = None
+    ) -> None:
         """The async variant of serve(), for an application's own event loop."""
         from milter_policy.server import serve_async  # noqa: PLC0415
 
-        await serve_async(self, address)
+        await serve_async(self, address, max_connection_age=max_connection_age)
 
     # -- capabilities --------------------------------------------------------
 

@@ -83,15 +83,33 @@ class _Service(policy_pb2_grpc.PolicyServiceServicer):
 class PolicyServer:
     """A Policy on a gRPC port: ``await server.start()``, ``await server.stop()``."""
 
-    def __init__(self, policy: Policy, address: str) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        address: str,
+        *,
+        max_connection_age: float | None = None,
+        max_connection_age_grace: float = 3600.0,
+    ) -> None:
+        """``max_connection_age`` (seconds): end each bridge's HTTP/2 connection after this
+        long, so that long-lived bridges spread over new replicas (Kubernetes); streams in
+        flight then get ``max_connection_age_grace`` seconds, which must be longer than the
+        longest SMTP session, or they are cut."""
         self.policy = policy
         self.address = address
         self.port = 0
         self._executor = ThreadPoolExecutor(policy.workers, thread_name_prefix=policy.name)
-        # so_reuseport off: a second server on the same port must fail, not share it.
-        self._server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
-        )
+        options: list[tuple[str, object]] = [
+            # so_reuseport off: a second server on the same port must fail, not share it.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 64 << 20),
+        ]
+        if max_connection_age is not None:
+            options += [
+                ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace * 1000)),
+            ]
+        self._server = grpc.aio.server(options=options)
 
     async def start(self) -> None:
         """Listen and serve: PolicyService, gRPC health (SERVING) and reflection."""
@@ -130,9 +148,11 @@ class PolicyServer:
         await self._server.wait_for_termination()
 
 
-async def serve_async(policy: Policy, address: str, *, grace: float = 30.0) -> None:
+async def serve_async(
+    policy: Policy, address: str, *, grace: float = 30.0, max_connection_age: float | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-    server = PolicyServer(policy, address)
+    server = PolicyServer(policy, address, max_connection_age=max_connection_age)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -283,3 +283,36 @@ def test_every_public_name_is_documented() -> None:
                 for attr, member in vars(obj).items() if isinstance(obj, type) else ():
                     if not attr.startswith("_") and callable(member):
                         assert member.__doc__, f"{module.__name__}.{name}.{attr}"
+
+
+async def test_max_connection_age_keeps_streams_in_flight_within_the_grace() -> None:
+    policy = Policy("slow-stamper")
+
+    @policy.end_of_message
+    async def stamp(ctx: Context) -> None:
+        await asyncio.sleep(1.0)  # the policy's own slowness: past the connection's max age
+        ctx.accept()
+
+    server = PolicyServer(
+        policy, "127.0.0.1:0", max_connection_age=0.5, max_connection_age_grace=30
+    )
+    await server.start()
+    listen = Listen(ListenKind.INET, host="127.0.0.1", port=0)
+    bridge = Bridge(Config(listen=listen, upstream=f"127.0.0.1:{server.port}"))
+    await bridge.start()
+    try:
+        assert await bridge.capabilities.plan(10.0) is not None
+        client = await mta(bridge)
+        await client.send(*h.connect(), *h.mail(), *h.rcpt())
+        # The stream outlives the connection's maximum age (0.5 s) and, within the
+        # grace (30 s), still gets its answer through.
+        assert await client.command(*h.eom()) == [r.Accept()]
+        await client.close()
+        for _ in range(3):  # later sessions open new streams on the new connections
+            client = await mta(bridge)
+            await client.send(*h.connect(), *h.mail(), *h.rcpt())
+            assert await client.command(*h.eom()) == [r.Accept()]
+            await client.close()
+    finally:
+        await bridge.stop()
+        await server.stop(1.0)
