@@ -163,3 +163,17 @@ def test_rejected_recipients_are_marked() -> None:
     assert mta.last().rcpt_to.rejected
     mta.send(cmd.DefineMacro(b"R", ((b"{rcpt_mailer}", b"smtp"),)), cmd.Rcpt(b"<yes@x>"))
     assert not mta.last().rcpt_to.rejected
+
+
+def test_recipients_the_policy_refused_leave_the_envelope() -> None:
+    caps = h.eom_only()
+    caps.events.rcpt_to = DECIDE
+    mta = Mta(caps)
+    mta.send(*h.connect(), *h.mail(), *h.rcpt(b"<bad@x>"))
+    assert mta.verdict(pb.ACTION_REJECT) == [r.Reject()]
+    mta.send(*h.rcpt(b"<later@x>"))
+    assert mta.verdict(pb.ACTION_TEMPFAIL) == [r.TempFail()]
+    mta.send(*h.rcpt(b"<good@x>"))
+    mta.verdict(pb.ACTION_CONTINUE)
+    mta.send(*h.eom())
+    assert [x.address for x in mta.last().end_of_message.envelope.recipients] == ["<good@x>"]

@@ -469,6 +469,8 @@ class Session:
         out: list[Output] = [SendToMta(encode_all(replies))]
         if p.stage is Stage.EOM:
             self._reset_message()
+        if p.stage is Stage.RCPT and action in (pb.ACTION_REJECT, pb.ACTION_TEMPFAIL):
+            self._recipients.pop()  # refused: not a recipient of this message
         # engine.c: after ACCEPT, and after REJECT/TEMPFAIL/DISCARD of any command but
         # RCPT and UNKNOWN, the state falls back to HELO.
         ends = action == pb.ACTION_ACCEPT or (

@@ -974,7 +974,11 @@ class Envelope(_message.Message):
 
     @_builtins.property
     def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___RcptTo]:
-        """The recipients in order (with rejected ones if asked for)."""
+        """The message's recipients in order: those refused at rcpt_to (by the policy
+        or by the failure action) are left out; with
+        Capabilities.rejected_recipients, those the MTA itself rejected are in,
+        marked RcptTo.rejected.
+        """
 
     @_builtins.property
     def macros(self) -> _containers.MessageMap[_builtins.str, Global___Macros]:
