@@ -116,7 +116,7 @@ class PolicyServer:
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(
             _Service(self.policy, self._executor), self._server
         )
-        health = health_aio.HealthServicer()
+        health = self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
         service = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
         reflection.enable_server_reflection(
@@ -139,7 +139,11 @@ class PolicyServer:
         )
 
     async def stop(self, grace: float | None = 30.0) -> None:
-        """Stop taking streams; those in flight get ``grace`` seconds to end."""
+        """Stop taking streams; those in flight get ``grace`` seconds to end.
+
+        Health turns NOT_SERVING first, so that readiness checks take this replica
+        out of a load balancer while its streams drain."""
+        await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
 

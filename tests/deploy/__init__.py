@@ -1,0 +1,1 @@
+"""Deployment artefacts: the Docker image and the Kubernetes manifests."""
