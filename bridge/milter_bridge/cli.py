@@ -1,4 +1,4 @@
-"""The ``milter-bridge`` command: flags -> Config -> the server.
+"""The ``milter-bridge`` command: flags, environment, TOML file -> Config -> the server.
 
     milter-bridge --listen inet:127.0.0.1:8890 --upstream policy:50051
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,9 +20,6 @@ from google.protobuf import json_format
 
 from milter_bridge import __version__, probe
 from milter_bridge.config import (
-    DEFAULT_DEADLINE,
-    DEFAULT_EOM_DEADLINE,
-    STAGES,
     Config,
     ConfigError,
     default_deadlines,
@@ -32,14 +30,13 @@ from milter_bridge.config import (
     warnings_for,
 )
 from milter_bridge.embedded import EMBEDDED, embedded_policy
-from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
 from milter_bridge.server.bridge import serve
 from milter_bridge.session import FailureAction
-from milter_bridge.session.machine import DEFAULT_MAX_BODY_BUFFER, DEFAULT_MAX_HEADER_BUFFER
 from milter_bridge.session.negotiation import NO_FLAG, negotiate
 from milter_bridge.session.plan import InvalidCapabilitiesError, Mode, Plan, Stage
+from milter_bridge.settings import SETTINGS, Loaded, load
 from milter_bridge.v1 import policy_pb2 as pb
 
 # What real MTAs offer (see tests/fixtures/captured/README.md).
@@ -85,81 +82,33 @@ def explain(path: Path, offer: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="milter-bridge",
-        epilog="milter-bridge probe --connect SPEC: check that a bridge listens and negotiates.",
+        epilog=(
+            "Every setting can also come from the environment (MILTER_BRIDGE_LISTEN, ...) or a"
+            " TOML file (--config); a flag wins over the environment, which wins over the file."
+            " Subcommands: probe --connect SPEC; check-config [settings]."
+        ),
         description="Speaks milter to Postfix and Sendmail, forwards SMTP events to gRPC policies.",
     )
     add = parser.add_argument
     add("--version", action="version", version=f"milter-bridge {__version__}")
-    add("--listen", metavar="SPEC", help="inet:HOST:PORT, inet6:[ADDR]:PORT or unix:/PATH")
     add(
-        "--upstream",
-        metavar="TARGET",
-        help="the policy service: host:port, dns:///name:port, "
-        "ipv4:ADDR:PORT,ADDR:PORT or unix:/path (round_robin over the addresses)",
+        "--config",
+        metavar="FILE.toml",
+        type=Path,
+        help="settings from a TOML file (env MILTER_BRIDGE_CONFIG)",
     )
-    add("--socket-mode", metavar="OCTAL", help="permissions of the unix socket, e.g. 660")
-    add("--socket-group", metavar="GROUP", help="group of the unix socket, e.g. postfix")
-    add("--max-connections", type=int, default=1000, metavar="N")
-    add(
-        "--deadline",
-        action="append",
-        default=[],
-        metavar="[STAGE=]SECONDS",
-        help=f"how long the policy may take to answer (default {DEFAULT_DEADLINE:g}s, "
-        f"end_of_message {DEFAULT_EOM_DEADLINE:g}s); repeatable; stages: {', '.join(STAGES)}",
-    )
-    add(
-        "--failure-action",
-        action="append",
-        default=[],
-        metavar="[STAGE=]ACTION",
-        help="tempfail (default), reject, accept or continue, when the policy cannot answer",
-    )
-    add(
-        "--describe-wait",
-        type=float,
-        default=2.0,
-        metavar="SECONDS",
-        help="how long an MTA's negotiation waits for capabilities not yet fetched",
-    )
-    add("--describe-refresh", type=float, default=30.0, metavar="SECONDS")
-    add(
-        "--progress-interval",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="SMFIR_PROGRESS while the policy works on end of message",
-    )
-    add(
-        "--grace-period",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long connections may finish after SIGTERM",
-    )
-    add("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET_SIZE, metavar="BYTES")
-    add(
-        "--max-body-buffer",
-        type=int,
-        default=DEFAULT_MAX_BODY_BUFFER,
-        metavar="BYTES",
-        help="most body bytes held for a policy that buffers the body",
-    )
-    add(
-        "--max-header-buffer",
-        type=int,
-        default=DEFAULT_MAX_HEADER_BUFFER,
-        metavar="BYTES",
-        help="most header bytes held for the policy per message",
-    )
-    add(
-        "--mta-idle-timeout",
-        type=float,
-        default=7210.0,
-        metavar="SECONDS",
-        help="close an MTA connection silent for this long (libmilter's default)",
-    )
-    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    for setting in SETTINGS:
+        options: dict[str, object] = {
+            "metavar": setting.metavar,
+            "help": f"{setting.help} [{setting.env}]",
+        }
+        if setting.kind is list:
+            options["action"] = "append"
+        else:
+            options["type"] = setting.kind
+        if setting.choices:
+            options["choices"] = setting.choices
+        add(setting.flag, dest=setting.name, default=None, **options)  # type: ignore[arg-type]
     add(
         "--explain",
         metavar="CAPABILITIES.json",
@@ -170,46 +119,86 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from(args: argparse.Namespace) -> Config:
-    """Raises ConfigError naming the flag."""
-    if not args.listen:
+def load_settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Loaded:
+    environ = dict(os.environ) if environ is None else environ
+    config_file = args.config or (
+        Path(environ["MILTER_BRIDGE_CONFIG"]) if environ.get("MILTER_BRIDGE_CONFIG") else None
+    )
+    return load({s.name: getattr(args, s.name) for s in SETTINGS}, environ, config_file)
+
+
+def config_from(loaded: Loaded) -> Config:
+    """Raises ConfigError naming the setting as the user gave it (flag, variable or file)."""
+    try:
+        return _build(loaded.values)
+    except ConfigError as exc:
+        message = str(exc)
+        for setting in SETTINGS:  # name the source the value came from
+            if message.startswith((setting.flag + ":", setting.flag + " ")):
+                message = loaded.label(setting.name) + message[len(setting.flag) :]
+                break
+        raise ConfigError(message) from None
+
+
+def _build(v: dict[str, object]) -> Config:
+    if not v["listen"]:
         msg = "--listen: required, e.g. inet:127.0.0.1:8890 or unix:/run/milter-bridge.sock"
         raise ConfigError(msg)
     mode = None
-    if args.socket_mode is not None:
+    if v["socket_mode"] is not None:
         try:
-            mode = int(args.socket_mode, 8)
+            mode = int(str(v["socket_mode"]), 8)
         except ValueError:
-            msg = f"--socket-mode: {args.socket_mode!r} is not an octal mode like 660"
+            msg = f"--socket-mode: {v['socket_mode']!r} is not an octal mode like 660"
             raise ConfigError(msg) from None
     deadlines: dict[Stage, float] = default_deadlines()
-    deadlines.update(parse_deadlines(args.deadline))
+    deadlines.update(parse_deadlines(list(v["deadline"])))  # type: ignore[call-overload]
     actions: dict[Stage, FailureAction] = default_failure_actions()
-    actions.update(parse_failure_actions(args.failure_action))
+    actions.update(parse_failure_actions(list(v["failure_action"])))  # type: ignore[call-overload]
     return Config(
-        listen=parse_listen(args.listen),
-        upstream=args.upstream or "",
+        listen=parse_listen(str(v["listen"])),
+        upstream=str(v["upstream"] or ""),
         socket_mode=mode,
-        socket_group=args.socket_group,
-        max_connections=args.max_connections,
+        socket_group=v["socket_group"],  # type: ignore[arg-type]
+        max_connections=v["max_connections"],  # type: ignore[arg-type]
         deadlines=deadlines,
         failure_actions=actions,
-        describe_wait=args.describe_wait,
-        describe_refresh=args.describe_refresh,
-        progress_interval=args.progress_interval,
-        grace_period=args.grace_period,
-        max_packet_size=args.max_packet_size,
-        max_body_buffer=args.max_body_buffer,
-        max_header_buffer=args.max_header_buffer,
-        mta_idle_timeout=args.mta_idle_timeout,
-        log_level=args.log_level,
+        describe_wait=v["describe_wait"],  # type: ignore[arg-type]
+        describe_refresh=v["describe_refresh"],  # type: ignore[arg-type]
+        progress_interval=v["progress_interval"],  # type: ignore[arg-type]
+        grace_period=v["grace_period"],  # type: ignore[arg-type]
+        max_packet_size=v["max_packet_size"],  # type: ignore[arg-type]
+        max_body_buffer=v["max_body_buffer"],  # type: ignore[arg-type]
+        max_header_buffer=v["max_header_buffer"],  # type: ignore[arg-type]
+        mta_idle_timeout=v["mta_idle_timeout"],  # type: ignore[arg-type]
+        log_level=str(v["log_level"]),
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_config(argv: list[str]) -> int:
+    """``milter-bridge check-config [settings]``: validate and show the effective settings."""
+    args = _parser().parse_args(argv)
+    try:
+        loaded = load_settings(args)
+        config = config_from(loaded)
+    except ConfigError as exc:
+        print(f"milter-bridge: {exc}", file=sys.stderr)
+        return 2
+    for setting in SETTINGS:
+        source = loaded.sources[setting.name]
+        print(f"{setting.name} = {loaded.values[setting.name]!r}  ({source})")
+    for warning in warnings_for(config):
+        print(f"warning: {warning}")
+    print("configuration is valid")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one exit per outcome
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["probe"]:
         return probe.main(argv[1:])
+    if argv[:1] == ["check-config"]:
+        return check_config(argv[1:])
     args = _parser().parse_args(argv)
     if args.explain is not None:
         try:
@@ -219,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
-        config = config_from(args)
+        config = config_from(load_settings(args))
     except ConfigError as exc:
         print(f"milter-bridge: {exc}", file=sys.stderr)
         return 2

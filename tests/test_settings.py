@@ -1,0 +1,181 @@
+"""Settings: flags, MILTER_BRIDGE_* environment, TOML file; precedence; errors naming the source."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from milter_bridge.cli import _parser, config_from, load_settings
+from milter_bridge.config import ConfigError
+from milter_bridge.settings import BY_NAME, SETTINGS, Loaded
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+# A valid value per setting, as text (flag/env) and as TOML.
+SAMPLES: dict[str, tuple[str, str]] = {
+    "listen": ("inet:127.0.0.1:9999", '"inet:127.0.0.1:9999"'),
+    "upstream": ("policy:50051", '"policy:50051"'),
+    "socket_mode": ("640", '"640"'),
+    "socket_group": ("root", '"root"'),
+    "max_connections": ("77", "77"),
+    "deadline": ("helo=3", '["helo=3"]'),
+    "failure_action": ("connect=accept", '{ connect = "accept" }'),
+    "describe_wait": ("1.5", "1.5"),
+    "describe_refresh": ("40", "40"),
+    "progress_interval": ("4", "4"),
+    "grace_period": ("12", "12"),
+    "max_packet_size": ("4096", "4096"),
+    "max_body_buffer": ("8192", "8192"),
+    "max_header_buffer": ("2048", "2048"),
+    "mta_idle_timeout": ("60", "60"),
+    "log_level": ("debug", '"debug"'),
+}
+REQUIRED = ["--listen", "inet:127.0.0.1:1", "--upstream", "p:1"]
+
+
+def loaded(argv: list[str], environ: dict[str, str]) -> Loaded:
+    return load_settings(_parser().parse_args(argv), environ)
+
+
+def test_every_setting_has_a_sample() -> None:
+    assert set(SAMPLES) == set(BY_NAME)
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+@pytest.mark.parametrize("way", ["flag", "env", "file"])
+def test_every_setting_three_ways(name: str, way: str, tmp_path: Path) -> None:
+    setting = BY_NAME[name]
+    text, toml = SAMPLES[name]
+    argv = list(REQUIRED) if name not in ("listen", "upstream") else []
+    if name == "listen":
+        argv = ["--upstream", "p:1"]
+    if name == "upstream":
+        argv = ["--listen", "inet:127.0.0.1:1"]
+    environ: dict[str, str] = {}
+    if way == "flag":
+        argv += [setting.flag, text]
+    elif way == "env":
+        environ[setting.env] = text
+    else:
+        file = tmp_path / "bridge.toml"
+        file.write_text(f"{name} = {toml}\n")
+        argv += ["--config", str(file)]
+    result = loaded(argv, environ)
+    assert result.sources[name].startswith(
+        {"flag": "flag", "env": "env", "file": "config file"}[way]
+    )
+    config_from(result)  # valid
+
+
+def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
+    file = tmp_path / "bridge.toml"
+    file.write_text(
+        'listen = "inet:127.0.0.1:1"\nupstream = "file:1"\nmax_connections = 3\ngrace_period = 7\n'
+    )
+    environ = {"MILTER_BRIDGE_UPSTREAM": "env:1", "MILTER_BRIDGE_MAX_CONNECTIONS": "4"}
+    result = loaded(["--config", str(file), "--max-connections", "5"], environ)
+    config = config_from(result)
+    assert config.max_connections == 5  # flag
+    assert config.upstream == "env:1"  # environment
+    assert config.grace_period == 7  # file
+    assert config.describe_wait == 2.0  # default
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "file", "message"),
+    [
+        (
+            REQUIRED,
+            {"MILTER_BRIDGE_MAX_CONNECTIONS": "lots"},
+            None,
+            "MILTER_BRIDGE_MAX_CONNECTIONS: 'lots' is not a whole number",
+        ),
+        (
+            REQUIRED,
+            {"MILTER_BRIDGE_DEADLINE": "eom=3"},
+            None,
+            "MILTER_BRIDGE_DEADLINE: unknown stage 'eom'",
+        ),
+        (
+            REQUIRED,
+            {"MILTER_BRIDGE_GRACE_PERIOD": "-1"},
+            None,
+            "MILTER_BRIDGE_GRACE_PERIOD: -1.0 is not a number of seconds",
+        ),
+        (REQUIRED, {}, "colour = 1\n", "unknown setting 'colour'"),
+        (REQUIRED, {}, "max_connections = [1\n", "not valid TOML"),
+        (
+            REQUIRED,
+            {},
+            'max_connections = "many"\n',
+            "max_connections: 'many' is not a whole number",
+        ),
+        (REQUIRED, {}, "progress_interval = 20\n", ": progress_interval: 20s is too long"),
+        (["--upstream", "p:1"], {}, None, "--listen: required"),
+        (
+            REQUIRED,
+            {"MILTER_BRIDGE_LOG_LEVEL": "loud"},
+            None,
+            "MILTER_BRIDGE_LOG_LEVEL: 'loud' is not one of",
+        ),
+    ],
+    ids=[
+        "env-int",
+        "env-stage",
+        "env-negative",
+        "file-unknown",
+        "file-syntax",
+        "file-type",
+        "file-range",
+        "missing",
+        "env-choice",
+    ],
+)
+def test_bad_configuration_names_the_setting(
+    argv: list[str], environ: dict[str, str], file: str | None, message: str, tmp_path: Path
+) -> None:
+    if file is not None:
+        path = tmp_path / "bridge.toml"
+        path.write_text(file)
+        argv = [*argv, "--config", str(path)]
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+    ):
+        config_from(loaded(argv, environ))
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    file = tmp_path / "bridge.toml"
+    file.write_text('listen = "inet:127.0.0.1:1"\nupstream = "p:1"\n')
+    good = subprocess.run(
+        [sys.executable, "-m", "milter_bridge", "check-config", "--config", str(file)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert good.returncode == 0, good.stderr
+    assert f"listen = 'inet:127.0.0.1:1'  (config file {file})" in good.stdout
+    assert "configuration is valid" in good.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "milter_bridge", "check-config", "--config", str(file)],
+        capture_output=True, text=True, check=False, timeout=60,
+        env={"MILTER_BRIDGE_MAX_PACKET_SIZE": "0", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "MILTER_BRIDGE_MAX_PACKET_SIZE: 0 must be greater than 0" in bad.stderr
+
+
+def test_reference_table_lists_every_setting() -> None:
+    text = DOCS.read_text()
+    for setting in SETTINGS:
+        assert f"`{setting.flag}`" in text, setting.name
+        assert f"`{setting.env}`" in text, setting.name
+
+
+def test_the_documented_toml_example_uses_only_known_settings() -> None:
+    import re  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    (block,) = re.findall(r"```toml\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    assert set(tomllib.loads(block)) <= set(BY_NAME)
