@@ -32,6 +32,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "max_header_buffer": ("2048", "2048"),
     "mta_idle_timeout": ("60", "60"),
     "log_level": ("debug", '"debug"'),
+    "metrics_listen": ("127.0.0.1:9890", '"127.0.0.1:9890"'),
 }
 REQUIRED = ["--listen", "inet:127.0.0.1:1", "--upstream", "p:1"]
 
@@ -121,6 +122,7 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
             None,
             "MILTER_BRIDGE_LOG_LEVEL: 'loud' is not one of",
         ),
+        ([*REQUIRED, "--metrics-listen", "9890"], {}, None, "--metrics-listen: '9890' is not"),
     ],
     ids=[
         "env-int",
@@ -132,6 +134,7 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
         "file-range",
         "missing",
         "env-choice",
+        "flag-metrics-address",
     ],
 )
 def test_bad_configuration_names_the_setting(

@@ -32,7 +32,7 @@ from milter_bridge.config import (
 from milter_bridge.embedded import EMBEDDED, embedded_policy
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
-from milter_bridge.server.bridge import serve
+from milter_bridge.server.bridge import StartError, serve
 from milter_bridge.session import FailureAction
 from milter_bridge.session.negotiation import NO_FLAG, negotiate
 from milter_bridge.session.plan import InvalidCapabilitiesError, Mode, Plan, Stage
@@ -171,6 +171,7 @@ def _build(v: dict[str, object]) -> Config:
         max_body_buffer=v["max_body_buffer"],  # type: ignore[arg-type]
         max_header_buffer=v["max_header_buffer"],  # type: ignore[arg-type]
         mta_idle_timeout=v["mta_idle_timeout"],  # type: ignore[arg-type]
+        metrics_listen=v["metrics_listen"],  # type: ignore[arg-type]
         log_level=str(v["log_level"]),
     )
 
@@ -227,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one exit per 
                 _run(replace(config, upstream=target))
         else:
             _run(config)
-    except OSError as exc:  # e.g. the listen address is taken
-        print(f"milter-bridge: --listen {config.listen}: {exc}", file=sys.stderr)
+    except StartError as exc:  # e.g. the listen address is taken
+        print(f"milter-bridge: {exc}", file=sys.stderr)
         return 1
     return 0
 

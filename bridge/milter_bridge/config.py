@@ -115,6 +115,8 @@ class Config:
     max_header_buffer: int = DEFAULT_MAX_HEADER_BUFFER
     # libmilter's default: an MTA that sends nothing for this long is gone.
     mta_idle_timeout: float = 7210.0
+    # HOST:PORT of the HTTP endpoint for metrics and health; None: off.
+    metrics_listen: str | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -147,6 +149,11 @@ class Config:
         if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
             msg = f"--socket-mode: {self.socket_mode:o} is not a permission mode"
             raise ConfigError(msg)
+        if self.metrics_listen is not None:
+            host, _, port = self.metrics_listen.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                msg = f"--metrics-listen: {self.metrics_listen!r} is not HOST:PORT"
+                raise ConfigError(msg)
         if self.log_level not in ("debug", "info", "warning", "error"):
             msg = f"--log-level: {self.log_level!r} is not debug, info, warning or error"
             raise ConfigError(msg)

@@ -135,6 +135,13 @@ SETTINGS = (
         "close an MTA connection silent for this long (libmilter's default)",
     ),
     Setting(
+        "metrics_listen",
+        str,
+        None,
+        "HOST:PORT",
+        "serve /metrics (Prometheus), /healthz and /readyz over HTTP here; off when unset",
+    ),
+    Setting(
         "log_level",
         str,
         "info",

@@ -119,3 +119,12 @@ def test_sidecar_resolves_every_policy_pod_and_listens_on_loopback() -> None:
         assert command == ["milter-bridge", "probe", "--connect", listen], probe
     grace = float(args[args.index("--grace-period") + 1])
     assert pod_spec(find("Deployment", "mta"))["terminationGracePeriodSeconds"] > grace
+
+
+def test_sidecar_exposes_its_metrics_port() -> None:
+    args = bridge_sidecar()["args"]
+    metrics = args[args.index("--metrics-listen") + 1]
+    host, _, port = metrics.rpartition(":")
+    assert host == "0.0.0.0", "Prometheus scrapes the pod IP, not loopback"
+    ports = {p["name"]: p["containerPort"] for p in bridge_sidecar()["ports"]}
+    assert ports["metrics"] == int(port)

@@ -266,3 +266,36 @@ async def test_no_growth_on_the_failure_path_either(
         await mta.close()
 
     await assert_no_growth(bridge, lambda _: failing_session(), warm_up=300, then=1500)
+
+
+async def test_metrics_endpoint_of_the_running_process(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    import re  # noqa: PLC0415
+
+    from tests.runtime.test_metrics import get  # noqa: PLC0415
+
+    bridge = await start_bridge(
+        bridge_factory, tmp_path, policy.target, "--metrics-listen", "127.0.0.1:0"
+    )
+    found = re.search(r"metrics and health on http://127\.0\.0\.1:(\d+)/", bridge.log())
+    assert found is not None, bridge.log()
+    port = int(found.group(1))
+    await one_session(bridge)
+    await one_session(bridge)
+    status, body = await get(port, "/metrics")
+    assert status == 200
+    assert 'milter_bridge_messages_total{verdict="continue"} 2.0' in body
+    assert await get(port, "/readyz") == (200, "ready\n")
+
+    # The same port for a second instance: it stops at start, naming the setting.
+    second = BridgeProcess(
+        tmp_path / "second.sock", policy.target, "--metrics-listen", f"127.0.0.1:{port}"
+    )
+    result = await asyncio.to_thread(
+        subprocess.run, second.argv, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"milter-bridge: --metrics-listen 127.0.0.1:{port}: ")
+    assert "address already in use" in result.stderr.lower()
+    await one_session(bridge)  # the first instance still serves

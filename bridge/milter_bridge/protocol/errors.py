@@ -6,7 +6,8 @@ MilterError
 │   ├── MalformedPacket      a packet whose payload cannot be parsed
 │   └── UnknownCommand       a command or reply byte that does not exist
 └── InvalidAnswer            a policy answer that is not valid at this point
-                             (the failure action applies; the MTA sees nothing of it)
+    │                        (the failure action applies; the MTA sees nothing of it)
+    └── InvalidModification  a modification not negotiated or not valid
 """
 
 from __future__ import annotations
@@ -34,3 +35,7 @@ class UnknownCommand(ProtocolError):
 
 class InvalidAnswer(MilterError):
     """A policy answer that the MTA must not see (wrong stage, bad syntax, not negotiated)."""
+
+
+class InvalidModification(InvalidAnswer):
+    """A modification that was not negotiated or is not valid (e.g. CR/LF in a header)."""

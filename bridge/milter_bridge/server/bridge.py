@@ -19,12 +19,19 @@ import socket
 import stat
 from pathlib import Path
 
+from grpc_health.v1 import health_pb2_grpc
+
 from milter_bridge.config import Config, ListenKind
+from milter_bridge.metrics import HttpEndpoint, Metrics
 from milter_bridge.server.connection import MtaConnection
 from milter_bridge.upstream.capabilities import CapabilitiesCache
 from milter_bridge.upstream.channel import make_channel, make_stub
 
 log = logging.getLogger("milter_bridge")
+
+
+class StartError(Exception):
+    """The bridge cannot start; the message names the setting and why."""
 
 
 class Bridge:
@@ -35,23 +42,45 @@ class Bridge:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._stopping = False
+        self.metrics = Metrics()
+        self._http: HttpEndpoint | None = None
+        self.metrics_port = 0
         self._socket_inode = -1
 
     async def start(self) -> None:
         self.channel = make_channel(self.config.upstream)
         self.stub = make_stub(self.channel)
-        self.capabilities = CapabilitiesCache(self.stub, self.config.describe_refresh)
+        health = health_pb2_grpc.HealthStub(self.channel)
+        self.capabilities = CapabilitiesCache(self.stub, self.config.describe_refresh, health)
         self.capabilities.start()
+        if self.config.metrics_listen is not None:
+            host, _, port = self.config.metrics_listen.rpartition(":")
+            self._http = HttpEndpoint(self.metrics, self._ready)
+            try:
+                self.metrics_port = await self._http.start(host.strip("[]"), int(port))
+            except OSError as exc:
+                msg = f"--metrics-listen {self.config.metrics_listen}: {exc.strerror or exc}"
+                raise StartError(msg) from exc
+            log.info("metrics and health on http://%s:%d/", host, self.metrics_port)
         listen = self.config.listen
-        if listen.kind is ListenKind.UNIX:
-            self._server = await self._start_unix(Path(listen.path))
-        else:
-            self._server = await asyncio.start_server(
-                self._accept, listen.host, listen.port, reuse_address=True
-            )
+        try:
+            if listen.kind is ListenKind.UNIX:
+                self._server = await self._start_unix(Path(listen.path))
+            else:
+                self._server = await asyncio.start_server(
+                    self._accept, listen.host, listen.port, reuse_address=True
+                )
+        except OSError as exc:  # e.g. the address is taken
+            msg = f"--listen {listen}: {exc.strerror or exc}"
+            raise StartError(msg) from exc
         log.info("listening on %s, policy at %s", self.address, self.config.upstream)
         for line in mta_settings(self.address):
             log.info("%s", line)
+
+    def _ready(self) -> bool:
+        ready = not self._stopping and self.capabilities.ready
+        self.metrics.policy_ready.set(1 if ready else 0)
+        return ready
 
     @property
     def address(self) -> str:
@@ -76,10 +105,10 @@ class Bridge:
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 msg = f"--listen: {path} exists and is not a socket"
-                raise FileExistsError(msg)
+                raise StartError(msg)
             if await _in_use(path):
                 msg = f"--listen: another process listens on {path}"
-                raise FileExistsError(msg)
+                raise StartError(msg)
             path.unlink()  # a stale socket of an earlier run
         server = await asyncio.start_unix_server(self._accept, str(path))
         self._socket_inode = path.stat().st_ino
@@ -93,6 +122,7 @@ class Bridge:
         conn_id = f"{self._prefix}.{next(self._ids)}"
         if self._stopping or len(self._tasks) >= self.config.max_connections:
             why = "shutting down" if self._stopping else f"{len(self._tasks)} connections open"
+            self.metrics.connections_refused.labels("shutdown" if self._stopping else "limit").inc()
             log.warning("conn=%s: refused: %s (the MTA applies its default action)", conn_id, why)
             writer.close()
             return
@@ -102,15 +132,18 @@ class Bridge:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.metrics.connections.inc()
+        self.metrics.connections_open.inc()
         try:
             connection = MtaConnection(
-                conn_id, reader, writer, self.config, self.capabilities, self.stub
+                conn_id, reader, writer, self.config, self.capabilities, self.stub, self.metrics
             )
             await connection.run()
         except asyncio.CancelledError:
             pass  # closed after the grace period; the connection answered what it could
         finally:
             self._tasks.discard(task)
+            self.metrics.connections_open.dec()
 
     async def stop(self) -> None:
         """Stop accepting, let connections finish within the grace period, then close the rest."""
@@ -130,6 +163,8 @@ class Bridge:
                 await asyncio.wait(left, timeout=5)
         await self.capabilities.stop()
         await self.channel.close(None)
+        if self._http is not None:
+            await self._http.stop()
         if self.config.listen.kind is ListenKind.UNIX:
             path = Path(self.config.listen.path)
             with contextlib.suppress(FileNotFoundError):

@@ -22,7 +22,8 @@ from typing import Any
 import grpc
 
 from milter_bridge.config import STAGES, Config
-from milter_bridge.protocol.errors import InvalidAnswer, ProtocolError
+from milter_bridge.metrics import Metrics
+from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification, ProtocolError
 from milter_bridge.session import (
     EndPolicyStream,
     Output,
@@ -38,6 +39,11 @@ from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 
 READ_SIZE = 1 << 16
+# Failure causes (metrics) of streams that ended with these statuses; others: stream_error.
+_CAUSES: dict[grpc.StatusCode | None, str] = {
+    grpc.StatusCode.FAILED_PRECONDITION: "refused_stream",
+    grpc.StatusCode.UNAVAILABLE: "unreachable",
+}
 MTA_WRITE_TIMEOUT = 60.0
 log = logging.getLogger("milter_bridge.connection")
 
@@ -67,8 +73,12 @@ class MtaConnection:
         config: Config,
         capabilities: CapabilitiesCache,
         stub: policy_pb2_grpc.PolicyServiceAsyncStub,
+        metrics: Metrics,
     ) -> None:
         self.conn_id = conn_id
+        self._metrics = metrics
+        # When the current message began (first bytes read after the last one ended).
+        self._message_started: float | None = None
         self._reader = reader
         self._writer = writer
         self._config = config
@@ -77,7 +87,7 @@ class MtaConnection:
         self.log = ConnectionLog(conn_id)
         self._stream: PolicyStream | None = None
         # After a failure the policy is not tried again for the rest of that message.
-        self._broken: tuple[int, str] | None = None
+        self._broken: tuple[int, str, str] | None = None  # epoch, reason, cause
         self._decision_started = 0.0
         self._closing: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
@@ -142,6 +152,8 @@ class MtaConnection:
         self.session = self.log.session = session
         self.log.debug("connected")
         while data:
+            if self._message_started is None:
+                self._message_started = asyncio.get_running_loop().time()
             await self._carry_out(session.feed(data))
             while session.pending is not None:
                 await self._await_policy(session)
@@ -179,8 +191,11 @@ class MtaConnection:
         if session is None or not session.plan.available or self._broken_reason() is not None:
             return  # no capabilities known, or the policy failed on this message
         if self._stream is None:
-            self._stream = PolicyStream(self._stub, self.log)
+            self._stream = PolicyStream(self._stub, self.log, self._metrics.stream_retries.inc)
+            self._metrics.streams.inc()
         kind = request.WhichOneof("event")
+        if kind != "start":
+            self._metrics.events_sent.labels(kind).inc()
         stage = STAGES.get("body" if kind == "body_chunk" else str(kind), Stage.CONNECT)
         timeout = self._config.deadlines[stage]
         if request.reply_expected:
@@ -189,20 +204,24 @@ class MtaConnection:
         if not await self._stream.send(request, asyncio.get_running_loop().time() + timeout):
             reason = f"the policy took no request for {timeout:g}s"
             self.log.warning("%s: cancelling its stream", reason)
-            self._drop_stream(session, reason)
+            self._drop_stream(session, reason, "timeout")
 
     def _broken_reason(self) -> str | None:
-        if self._broken is None or self.session is None:
-            return None
-        epoch, reason = self._broken
-        return reason if epoch == self.session.message_epoch else None
+        return self._broken[1] if self._broken is not None and self._broken_now() else None
 
-    def _drop_stream(self, session: Session, reason: str) -> None:
+    def _broken_now(self) -> bool:
+        return (
+            self._broken is not None
+            and self.session is not None
+            and self._broken[0] == self.session.message_epoch
+        )
+
+    def _drop_stream(self, session: Session, reason: str, cause: str) -> None:
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
         session.stream_lost()
-        self._broken = (session.message_epoch, reason)
+        self._broken = (session.message_epoch, reason, cause)
 
     async def _await_policy(self, session: Session) -> None:
         pending = session.pending
@@ -210,8 +229,10 @@ class MtaConnection:
         stage = pending.stage
         if self._stream is None:
             # Nothing was sent: no capabilities known, or the policy failed on this message.
-            reason = self._broken_reason() or "no policy capabilities known"
-            await self._fail(session, reason)
+            if self._broken is not None and self._broken_now():
+                await self._fail(session, self._broken[1], self._broken[2])
+            else:
+                await self._fail(session, "no policy capabilities known", "unreachable")
             return
         loop = asyncio.get_running_loop()
         deadline = self._decision_started + self._config.deadlines[stage]
@@ -220,37 +241,73 @@ class MtaConnection:
         while session.pending is pending:
             now = loop.time()
             if now >= deadline:
-                await self._fail(session, f"no answer within {self._config.deadlines[stage]:g}s")
+                deadline_s = self._config.deadlines[stage]
+                await self._fail(session, f"no answer within {deadline_s:g}s", "timeout")
                 return
             until = min(deadline, next_progress) if stage is Stage.EOM else deadline
             try:
                 response = await self._stream.receive(until)
             except TimeoutError:
                 if loop.time() >= next_progress and session.pending is pending:
+                    self._metrics.progress_sent.inc()
                     await self._carry_out(session.progress())
                     next_progress = loop.time() + progress_every
                 continue
             except StreamFailure as exc:
                 if exc.code is grpc.StatusCode.FAILED_PRECONDITION:
                     self._capabilities.refresh_now()
-                await self._fail(session, str(exc))
+                await self._fail(session, str(exc), _CAUSES.get(exc.code, "stream_error"))
                 return
-            try:
-                outputs = session.answer(response)
-            except InvalidAnswer as exc:
-                await self._fail(session, f"invalid answer: {exc}")
+            if not await self._take_answer(session, response):
                 return
-            await self._carry_out(outputs)
 
-    async def _fail(self, session: Session, reason: str) -> None:
+    async def _take_answer(self, session: Session, response: pb.ProcessResponse) -> bool:
+        """Apply one policy answer; False when it was refused and the failure action ran."""
+        pending = session.pending
+        assert pending is not None
+        try:
+            outputs = session.answer(response)
+        except InvalidModification as exc:
+            await self._fail(session, f"invalid answer: {exc}", "refused_modification")
+            return False
+        except InvalidAnswer as exc:
+            await self._fail(session, f"invalid answer: {exc}", "invalid_reply")
+            return False
+        if session.pending is pending:  # progress: not final
+            self._metrics.progress_sent.inc()
+        else:
+            self._count_answer(pending.stage, response, asyncio.get_running_loop().time())
+        await self._carry_out(outputs)
+        return True
+
+    def _count_answer(self, stage: Stage, response: pb.ProcessResponse, now: float) -> None:
+        eom = response.HasField("end_of_message")
+        final = response.end_of_message.verdict if eom else response.verdict
+        # An unset action means continue (policy.proto), and is counted so.
+        action = pb.Action.Name(final.action or pb.ACTION_CONTINUE).removeprefix("ACTION_").lower()
+        self._metrics.decisions.labels(stage.value, action).inc()
+        self._metrics.policy_latency.labels(stage.value).observe(now - self._decision_started)
+        if stage is Stage.EOM:
+            self._message_ended(action, now)
+
+    def _message_ended(self, verdict: str, now: float) -> None:
+        self._metrics.messages.labels(verdict).inc()
+        if self._message_started is not None:
+            self._metrics.message_duration.observe(now - self._message_started)
+        self._message_started = None
+
+    async def _fail(self, session: Session, reason: str, cause: str) -> None:
         pending = session.pending
         assert pending is not None
         action = self._config.failure_actions[pending.stage]
+        self._metrics.failure_actions.labels(pending.stage.value, cause).inc()
+        if pending.stage is Stage.EOM:
+            self._message_ended(action.name.lower(), asyncio.get_running_loop().time())
         self.log.warning(
             "policy failure at %s: %s; answering %s",
             pending.stage.value,
             reason,
             action.name.lower(),
         )
-        self._drop_stream(session, f"failed at {pending.stage.value}: {reason}")
+        self._drop_stream(session, f"failed at {pending.stage.value}: {reason}", cause)
         await self._carry_out(session.fail(action))

@@ -27,7 +27,7 @@ import re
 
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import MILTER_CHUNK_SIZE, ActionFlag
-from milter_bridge.protocol.errors import InvalidAnswer
+from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification
 from milter_bridge.session.plan import Stage
 from milter_bridge.v1 import policy_pb2 as pb
 
@@ -50,6 +50,10 @@ _NO_DISCARD = frozenset({Stage.CONNECT, Stage.HELO, Stage.UNKNOWN})
 
 def _fail(stage: Stage, problem: str) -> InvalidAnswer:
     return InvalidAnswer(f"answer to {stage.value}: {problem}")
+
+
+def _bad_mod(stage: Stage, problem: str) -> InvalidModification:
+    return InvalidModification(f"answer to {stage.value}: {problem}")
 
 
 def format_reply(stage: Stage, reply: pb.SmtpReply, klass: str) -> bytes:
@@ -117,19 +121,19 @@ def header_value(stage: Stage, value: bytes) -> bytes:
     """A header value as milter wants it: folds as LF + whitespace, no other CR or LF."""
     value = value.replace(b"\r\n", b"\n")
     if b"\0" in value or _FOLD.search(value) or value.startswith(b"\n"):
-        raise _fail(stage, f"header value has NUL or a CR/LF that does not fold: {value[:80]!r}")
+        raise _bad_mod(stage, f"header value has NUL or a CR/LF that does not fold: {value[:80]!r}")
     if _CONTROL.search(value) or _EMPTY_FOLD.search(value):
-        raise _fail(
+        raise _bad_mod(
             stage, f"header value has control characters or an empty folded line: {value[:80]!r}"
         )
     if len(value) > MAX_HEADER_VALUE:
-        raise _fail(stage, f"header value of {len(value)} bytes exceeds {MAX_HEADER_VALUE}")
+        raise _bad_mod(stage, f"header value of {len(value)} bytes exceeds {MAX_HEADER_VALUE}")
     return value
 
 
 def header_name(stage: Stage, name: str) -> bytes:
     if not _HEADER_NAME.fullmatch(name) or len(name) > MAX_HEADER_NAME:
-        raise _fail(stage, f"{name!r} is not a header name (printable ASCII without ':')")
+        raise _bad_mod(stage, f"{name!r} is not a header name (printable ASCII without ':')")
     return name.encode()
 
 
@@ -138,7 +142,9 @@ def _token(stage: Stage, what: str, text: str, *, spaces: bool = True) -> bytes:
     data = text.encode()
     bad = "\0\r\n" if spaces else "\0\r\n \t"
     if not data or any(ch in text for ch in bad) or len(data) > MAX_ADDRESS:
-        raise _fail(stage, f"{what} {text!r} is empty, too long or contains forbidden characters")
+        raise _bad_mod(
+            stage, f"{what} {text!r} is empty, too long or contains forbidden characters"
+        )
     return data
 
 
@@ -150,7 +156,7 @@ def _args(stage: Stage, args: list[str]) -> bytes | None:
 
 def _need(stage: Stage, granted: ActionFlag, flag: ActionFlag, what: str) -> None:
     if not granted & flag:
-        raise _fail(stage, f"{what} needs {flag.name}, which was not negotiated")
+        raise _bad_mod(stage, f"{what} needs {flag.name}, which was not negotiated")
 
 
 _STAGE = Stage.EOM
@@ -174,10 +180,10 @@ def _change_header(m: pb.Modification, granted: ActionFlag) -> _Replies:
     _need(_STAGE, granted, _A.SMFIF_CHGHDRS, "change_header")
     ch = m.change_header
     if ch.index < 1:
-        raise _fail(_STAGE, f"change_header index counts from 1, got {ch.index}")
+        raise _bad_mod(_STAGE, f"change_header index counts from 1, got {ch.index}")
     value = header_value(_STAGE, ch.value)
     if not value:
-        raise _fail(_STAGE, "change_header with an empty value; use delete_header")
+        raise _bad_mod(_STAGE, "change_header with an empty value; use delete_header")
     return [r.ChangeHeader(ch.index, header_name(_STAGE, ch.name), value)]
 
 
@@ -185,7 +191,7 @@ def _delete_header(m: pb.Modification, granted: ActionFlag) -> _Replies:
     _need(_STAGE, granted, _A.SMFIF_CHGHDRS, "delete_header")
     d = m.delete_header
     if d.index < 1:
-        raise _fail(_STAGE, f"delete_header index counts from 1, got {d.index}")
+        raise _bad_mod(_STAGE, f"delete_header index counts from 1, got {d.index}")
     # CHGHEADER with an empty value deletes.
     return [r.ChangeHeader(d.index, header_name(_STAGE, d.name), b"")]
 
@@ -207,7 +213,9 @@ def _delete_recipient(m: pb.Modification, granted: ActionFlag) -> _Replies:
     d = m.delete_recipient
     raw = d.address_raw or _token(_STAGE, "recipient", d.address)
     if b"\0" in raw or b"\r" in raw or b"\n" in raw or len(raw) > MAX_ADDRESS:
-        raise _fail(_STAGE, "delete_recipient address_raw contains NUL, CR or LF, or is too long")
+        raise _bad_mod(
+            _STAGE, "delete_recipient address_raw contains NUL, CR or LF, or is too long"
+        )
     return [r.DeleteRecipient(raw)]
 
 
@@ -252,10 +260,10 @@ def modification_replies(mods: list[pb.Modification], granted: ActionFlag) -> _R
     kinds = [m.WhichOneof("modification") for m in mods]
     if kinds.count("replace_body") > 1:
         # Postfix refuses body chunks interleaved with other modifications.
-        raise _fail(_STAGE, "more than one replace_body (MTAs need one contiguous body)")
+        raise _bad_mod(_STAGE, "more than one replace_body (MTAs need one contiguous body)")
     for mod, kind in zip(mods, kinds, strict=True):
         if kind is None:
-            raise _fail(_STAGE, "a Modification with nothing set")
+            raise _bad_mod(_STAGE, "a Modification with nothing set")
         out += _MODIFICATIONS[kind](mod, granted)
     return out
 

@@ -13,6 +13,7 @@ import logging
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from milter_bridge import __version__
 from milter_bridge.session.plan import InvalidCapabilitiesError, Plan
@@ -28,8 +29,16 @@ FIRST_RETRY = 0.2
 class CapabilitiesCache:
     """Keeps the current Plan, refreshing it every ``refresh`` seconds."""
 
-    def __init__(self, stub: policy_pb2_grpc.PolicyServiceAsyncStub, refresh: float) -> None:
+    def __init__(
+        self,
+        stub: policy_pb2_grpc.PolicyServiceAsyncStub,
+        refresh: float,
+        health: health_pb2_grpc.HealthStub | None = None,
+    ) -> None:
         self._stub = stub
+        self._health = health
+        # The policy's grpc.health.v1 answer: True for SERVING or no health service.
+        self.healthy = False
         self._refresh = refresh
         self._plan: Plan | None = None
         self._ready = asyncio.Event()
@@ -75,7 +84,25 @@ class CapabilitiesCache:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), delay)
 
+    @property
+    def ready(self) -> bool:
+        """Capabilities known and the policy healthy (for /readyz)."""
+        return self._plan is not None and self.healthy
+
+    async def _check_health(self) -> None:
+        if self._health is None:
+            self.healthy = True
+            return
+        try:
+            request = health_pb2.HealthCheckRequest(service="")
+            answer = await self._health.Check(request, timeout=DESCRIBE_TIMEOUT)
+            self.healthy = answer.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError as exc:
+            # A policy without a health service is judged by Describe alone.
+            self.healthy = exc.code() is grpc.StatusCode.UNIMPLEMENTED
+
     async def _fetch(self) -> None:
+        await self._check_health()
         request = pb.DescribeRequest(bridge_version=__version__)
         response = await self._stub.Describe(request, timeout=DESCRIBE_TIMEOUT)
         plan = Plan.from_capabilities(response.capabilities, response.fingerprint)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
@@ -62,8 +63,10 @@ class PolicyStream:
         self,
         stub: policy_pb2_grpc.PolicyServiceAsyncStub,
         log: logging.LoggerAdapter[logging.Logger],
+        on_retry: Callable[[], object] | None = None,
     ) -> None:
         self._stub = stub
+        self._on_retry = on_retry
         self._log = log
         self._call: Call | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -159,6 +162,8 @@ class PolicyStream:
         self._log.info(
             "policy stream unavailable, opening it again (attempt %d)", self._attempts + 1
         )
+        if self._on_retry is not None:
+            self._on_retry()
         replay = list(self._sent)
         self._open()
         for request in replay:

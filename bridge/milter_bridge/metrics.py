@@ -1,0 +1,137 @@
+"""Prometheus metrics of one bridge process, and the HTTP endpoint serving them with health.
+
+    GET /metrics   Prometheus text format
+    GET /healthz   200 while the process serves (liveness)
+    GET /readyz    200 when the policy's capabilities are known and its gRPC
+                   health is SERVING (or it has no health service), else 503
+
+Failure actions (the policy could not decide) are counted apart from the
+policy's own decisions, by cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Why a failure action was applied (failure_actions_total{cause}).
+CAUSES = (
+    "unreachable",  # no capabilities known, or no stream could be opened
+    "timeout",  # no answer within the stage's deadline
+    "stream_error",  # the stream broke or ended before the answer
+    "refused_stream",  # the policy refused the stream (FAILED_PRECONDITION)
+    "invalid_reply",  # an answer the session refused (wrong stage, sequence, syntax)
+    "refused_modification",  # a modification not negotiated or not valid
+)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
+
+
+class Metrics:
+    """Every metric of the bridge, in a registry of its own."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "milter_bridge_"
+        self.connections_open = Gauge(p + "connections_open", "MTA connections open", registry=r)
+        self.connections = Counter(p + "connections", "MTA connections accepted", registry=r)
+        self.connections_refused = Counter(
+            p + "connections_refused", "MTA connections closed at once", ["reason"], registry=r
+        )
+        self.messages = Counter(
+            p + "messages",
+            "Messages ended at end of message, by final reply",
+            ["verdict"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            p + "policy_decisions",
+            "Policy answers by stage and action",
+            ["stage", "action"],
+            registry=r,
+        )
+        self.events_sent = Counter(
+            p + "events_sent", "Events sent to the policy", ["event"], registry=r
+        )
+        self.policy_latency = Histogram(
+            p + "policy_latency_seconds",
+            "From handing an event to the policy to its answer",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.message_duration = Histogram(
+            p + "message_duration_seconds",
+            "From the first MTA command after the connection or the last end of message "
+            "to the answer at end of message",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.failure_actions = Counter(
+            p + "failure_actions",
+            "Failure actions applied because the policy could not decide",
+            ["stage", "cause"],
+            registry=r,
+        )
+        self.progress_sent = Counter(
+            p + "progress_sent", "SMFIR_PROGRESS keep-alives sent", registry=r
+        )
+        self.streams = Counter(p + "upstream_streams", "Policy streams opened", registry=r)
+        self.stream_retries = Counter(
+            p + "upstream_stream_retries", "Streams opened again after UNAVAILABLE", registry=r
+        )
+        self.policy_ready = Gauge(
+            p + "policy_ready",
+            "1 when capabilities are known and the policy is healthy",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HttpEndpoint:
+    """A minimal HTTP/1.0 server for the three paths (no dependency beyond asyncio)."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool]) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) > 1 else ""
+            if path == "/metrics":
+                status, body, kind = 200, self.metrics.render(), "text/plain; version=0.0.4"
+            elif path == "/healthz":
+                status, body, kind = 200, b"ok\n", "text/plain"
+            elif path == "/readyz":
+                ok = self.ready()
+                status, body, kind = (
+                    (200, b"ready\n", "text/plain") if ok else (503, b"not ready\n", "text/plain")
+                )
+            else:
+                status, body, kind = 404, b"not found\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            head = f"HTTP/1.0 {status} {reason}\r\nContent-Type: {kind}\r\n"
+            head += f"Content-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
