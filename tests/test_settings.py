@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trustme
 
 from milter_bridge.cli import _parser, config_from, load_settings
 from milter_bridge.config import ConfigError
@@ -33,12 +34,46 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "mta_idle_timeout": ("60", "60"),
     "log_level": ("debug", '"debug"'),
     "metrics_listen": ("127.0.0.1:9890", '"127.0.0.1:9890"'),
+    # {ca}, {cert}, {key}, {token}: files the test makes (the settings check them at start).
+    "upstream_tls": ("on", '"on"'),
+    "upstream_ca": ("{ca}", '"{ca}"'),
+    "upstream_cert": ("{cert}", '"{cert}"'),
+    "upstream_key": ("{key}", '"{key}"'),
+    "upstream_server_name": ("policy.example", '"policy.example"'),
+    "upstream_token_file": ("{token}", '"{token}"'),
 }
+# Settings that are valid only with another one.
+COMPANIONS = {
+    "upstream_cert": ["--upstream-key", "{key}"],
+    "upstream_key": ["--upstream-cert", "{cert}"],
+    "upstream_server_name": ["--upstream-tls", "on"],
+}
+NOT_PEM = str(Path(__file__).resolve())  # a readable file that is no certificate
 REQUIRED = ["--listen", "inet:127.0.0.1:1", "--upstream", "p:1"]
 
 
 def loaded(argv: list[str], environ: dict[str, str]) -> Loaded:
     return load_settings(_parser().parse_args(argv), environ)
+
+
+def security_files(directory: Path) -> dict[str, str]:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("policy.example")
+    files = {
+        "ca": ca.cert_pem.bytes(),
+        "cert": leaf.cert_chain_pems[0].bytes(),
+        "key": leaf.private_key_pem.bytes(),
+        "token": b"token\n",
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return {name: str(directory / name) for name in files}
+
+
+def fill(sample: str, files: dict[str, str]) -> str:
+    for name, path in files.items():
+        sample = sample.replace("{" + name + "}", path)
+    return sample
 
 
 def test_every_setting_has_a_sample() -> None:
@@ -49,8 +84,10 @@ def test_every_setting_has_a_sample() -> None:
 @pytest.mark.parametrize("way", ["flag", "env", "file"])
 def test_every_setting_three_ways(name: str, way: str, tmp_path: Path) -> None:
     setting = BY_NAME[name]
-    text, toml = SAMPLES[name]
+    files = security_files(tmp_path)
+    text, toml = (fill(v, files) for v in SAMPLES[name])
     argv = list(REQUIRED) if name not in ("listen", "upstream") else []
+    argv += [fill(a, files) for a in COMPANIONS.get(name, [])]
     if name == "listen":
         argv = ["--upstream", "p:1"]
     if name == "upstream":
@@ -123,6 +160,19 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
             "MILTER_BRIDGE_LOG_LEVEL: 'loud' is not one of",
         ),
         ([*REQUIRED, "--metrics-listen", "9890"], {}, None, "--metrics-listen: '9890' is not"),
+        (
+            REQUIRED,
+            {"MILTER_BRIDGE_UPSTREAM_CERT": NOT_PEM},
+            None,
+            "MILTER_BRIDGE_UPSTREAM_CERT: mutual TLS needs --upstream-key too",
+        ),
+        ([*REQUIRED, "--upstream-ca", NOT_PEM], {}, None, "holds no PEM certificate"),
+        (
+            REQUIRED,
+            {},
+            'upstream_token_file = "/nonexistent/token"\n',
+            ": upstream_token_file: cannot read /nonexistent/token: No such file",
+        ),
     ],
     ids=[
         "env-int",
@@ -135,6 +185,9 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
         "missing",
         "env-choice",
         "flag-metrics-address",
+        "env-cert-without-key",
+        "flag-ca-not-pem",
+        "file-token-missing",
     ],
 )
 def test_bad_configuration_names_the_setting(

@@ -173,6 +173,12 @@ def _build(v: dict[str, object]) -> Config:
         mta_idle_timeout=v["mta_idle_timeout"],  # type: ignore[arg-type]
         metrics_listen=v["metrics_listen"],  # type: ignore[arg-type]
         log_level=str(v["log_level"]),
+        upstream_tls=v["upstream_tls"] == "on",
+        upstream_ca=v["upstream_ca"],  # type: ignore[arg-type]
+        upstream_cert=v["upstream_cert"],  # type: ignore[arg-type]
+        upstream_key=v["upstream_key"],  # type: ignore[arg-type]
+        upstream_server_name=v["upstream_server_name"],  # type: ignore[arg-type]
+        upstream_token_file=v["upstream_token_file"],  # type: ignore[arg-type]
     )
 
 

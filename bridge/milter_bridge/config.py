@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import TypeVar
 
 from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
@@ -118,6 +119,19 @@ class Config:
     # HOST:PORT of the HTTP endpoint for metrics and health; None: off.
     metrics_listen: str | None = None
     log_level: str = "info"
+    # TLS to the policy: on with system roots, or with this CA; a client
+    # certificate and key for mutual TLS; the name its certificate must carry.
+    upstream_tls: bool = False
+    upstream_ca: str | None = None
+    upstream_cert: str | None = None
+    upstream_key: str | None = None
+    upstream_server_name: str | None = None
+    # A file holding a token sent as "authorization: Bearer <token>" on every call.
+    upstream_token_file: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.upstream_tls or self.upstream_ca is not None or self.upstream_cert is not None
 
     def __post_init__(self) -> None:
         _positive("--max-connections", self.max_connections)
@@ -156,6 +170,27 @@ class Config:
                 raise ConfigError(msg)
         if self.log_level not in ("debug", "info", "warning", "error"):
             msg = f"--log-level: {self.log_level!r} is not debug, info, warning or error"
+            raise ConfigError(msg)
+        self._check_upstream_security()
+
+    def _check_upstream_security(self) -> None:
+        if (self.upstream_cert is None) != (self.upstream_key is None):
+            given, missing = (
+                ("--upstream-cert", "--upstream-key")
+                if self.upstream_key is None
+                else ("--upstream-key", "--upstream-cert")
+            )
+            msg = f"{given}: mutual TLS needs {missing} too"
+            raise ConfigError(msg)
+        if self.upstream_server_name is not None and not self.tls:
+            msg = "--upstream-server-name: only with TLS (--upstream-tls on or --upstream-ca)"
+            raise ConfigError(msg)
+        _pem("--upstream-ca", self.upstream_ca, "CERTIFICATE")
+        _pem("--upstream-cert", self.upstream_cert, "CERTIFICATE")
+        _pem("--upstream-key", self.upstream_key, "PRIVATE KEY")
+        token = self.upstream_token_file
+        if token is not None and not _read("--upstream-token-file", token).strip():
+            msg = f"--upstream-token-file: {token} is empty"
             raise ConfigError(msg)
 
 
@@ -211,3 +246,20 @@ def parse_failure_actions(values: list[str]) -> dict[Stage, FailureAction]:
         return FailureAction[raw.upper()]
 
     return _staged("--failure-action", values, convert, "tempfail, reject, accept or continue")
+
+
+def _read(flag: str, path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError as exc:
+        msg = f"{flag}: cannot read {path}: {exc.strerror or exc}"
+        raise ConfigError(msg) from None
+
+
+def _pem(flag: str, path: str | None, kind: str) -> None:
+    """Checked at start, so that a wrong file stops the bridge instead of failing every call."""
+    if path is not None and f"-----BEGIN {kind}" not in _read(flag, path).replace(
+        "BEGIN RSA PRIVATE KEY", "BEGIN PRIVATE KEY"
+    ).replace("BEGIN EC PRIVATE KEY", "BEGIN PRIVATE KEY"):
+        msg = f"--{flag.lstrip('-')}: {path} holds no PEM {kind.lower()}"
+        raise ConfigError(msg)

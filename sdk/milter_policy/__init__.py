@@ -18,6 +18,16 @@ policy through a conversation without a bridge or an MTA.
 
 from milter_policy.context import Client, Context, Envelope, PolicyUsageError
 from milter_policy.policy import EVENTS, Policy
+from milter_policy.security import ServerTls
 from milter_policy.server import PolicyServer
 
-__all__ = ["EVENTS", "Client", "Context", "Envelope", "Policy", "PolicyServer", "PolicyUsageError"]
+__all__ = [
+    "EVENTS",
+    "Client",
+    "Context",
+    "Envelope",
+    "Policy",
+    "PolicyServer",
+    "PolicyUsageError",
+    "ServerTls",
+]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from milter_bridge.v1 import policy_pb2 as pb
+from milter_policy.security import ServerTls
 
 __all__ = ["EVENTS", "Policy"]
 
@@ -232,11 +233,16 @@ class Policy:
     # -- serving -------------------------------------------------------------
 
     def serve(
-        self, address: str = "[::]:50051", *, max_connection_age: float | None = None
+        self,
+        address: str = "[::]:50051",
+        *,
+        max_connection_age: float | None = None,
+        tls: ServerTls | None = None,
+        token_file: str | None = None,
     ) -> None:
         """Serve until SIGTERM or SIGINT (then finish what is in flight).
 
-        ``max_connection_age``: see PolicyServer (for replicas behind a load balancer)."""
+        ``max_connection_age``, ``tls``, ``token_file``: see PolicyServer."""
         import asyncio  # noqa: PLC0415
 
         from milter_policy.server import serve_async  # noqa: PLC0415 - server imports policy
@@ -244,15 +250,30 @@ class Policy:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
-        asyncio.run(serve_async(self, address, max_connection_age=max_connection_age))
+        asyncio.run(
+            serve_async(
+                self,
+                address,
+                max_connection_age=max_connection_age,
+                tls=tls,
+                token_file=token_file,
+            )
+        )
 
     async def serve_async(
-        self, address: str = "[::]:50051", *, max_connection_age: float | None = None
+        self,
+        address: str = "[::]:50051",
+        *,
+        max_connection_age: float | None = None,
+        tls: ServerTls | None = None,
+        token_file: str | None = None,
     ) -> None:
         """The async variant of serve(), for an application's own event loop."""
         from milter_policy.server import serve_async  # noqa: PLC0415
 
-        await serve_async(self, address, max_connection_age=max_connection_age)
+        await serve_async(
+            self, address, max_connection_age=max_connection_age, tls=tls, token_file=token_file
+        )
 
     # -- capabilities --------------------------------------------------------
 

@@ -19,6 +19,7 @@ from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 from milter_policy.dispatch import Dispatcher
 from milter_policy.policy import Policy
+from milter_policy.security import BearerTokenCheck, ServerTls
 
 log = logging.getLogger("milter_policy")
 
@@ -90,11 +91,16 @@ class PolicyServer:
         *,
         max_connection_age: float | None = None,
         max_connection_age_grace: float = 3600.0,
+        tls: ServerTls | None = None,
+        token_file: str | None = None,
     ) -> None:
         """``max_connection_age`` (seconds): end each bridge's HTTP/2 connection after this
         long, so that long-lived bridges spread over new replicas (Kubernetes); streams in
         flight then get ``max_connection_age_grace`` seconds, which must be longer than the
-        longest SMTP session, or they are cut."""
+        longest SMTP session, or they are cut.
+
+        ``tls``: serve TLS (mutual TLS when it names a client CA); ``token_file``: refuse
+        calls without ``authorization: Bearer <the file's token>`` (health stays open)."""
         self.policy = policy
         self.address = address
         self.port = 0
@@ -109,7 +115,9 @@ class PolicyServer:
                 ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace * 1000)),
             ]
-        self._server = grpc.aio.server(options=options)
+        self._tls = tls
+        interceptors = [] if token_file is None else [BearerTokenCheck(token_file)]
+        self._server = grpc.aio.server(options=options, interceptors=interceptors)
 
     async def start(self) -> None:
         """Listen and serve: PolicyService, gRPC health (SERVING) and reflection."""
@@ -127,7 +135,10 @@ class PolicyServer:
             ),
             self._server,
         )
-        self.port = self._server.add_insecure_port(self.address)
+        if self._tls is None:
+            self.port = self._server.add_insecure_port(self.address)
+        else:
+            self.port = self._server.add_secure_port(self.address, self._tls.credentials())
         await self._server.start()
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -153,10 +164,18 @@ class PolicyServer:
 
 
 async def serve_async(
-    policy: Policy, address: str, *, grace: float = 30.0, max_connection_age: float | None = None
+    policy: Policy,
+    address: str,
+    *,
+    grace: float = 30.0,
+    max_connection_age: float | None = None,
+    tls: ServerTls | None = None,
+    token_file: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-    server = PolicyServer(policy, address, max_connection_age=max_connection_age)
+    server = PolicyServer(
+        policy, address, max_connection_age=max_connection_age, tls=tls, token_file=token_file
+    )
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2_grpc
@@ -26,6 +27,7 @@ from milter_bridge.metrics import HttpEndpoint, Metrics
 from milter_bridge.server.connection import MtaConnection
 from milter_bridge.upstream.capabilities import CapabilitiesCache
 from milter_bridge.upstream.channel import make_channel, make_stub
+from milter_bridge.upstream.security import BearerToken, Metadata, load_tls, no_metadata
 
 log = logging.getLogger("milter_bridge")
 
@@ -45,13 +47,24 @@ class Bridge:
         self.metrics = Metrics()
         self._http: HttpEndpoint | None = None
         self.metrics_port = 0
+        self.metadata: Callable[[], Metadata] = no_metadata
         self._socket_inode = -1
 
     async def start(self) -> None:
-        self.channel = make_channel(self.config.upstream)
+        c = self.config
+        tls = load_tls(
+            enabled=c.upstream_tls,
+            ca=c.upstream_ca,
+            cert=c.upstream_cert,
+            key=c.upstream_key,
+            server_name=c.upstream_server_name,
+        )
+        if c.upstream_token_file is not None:
+            self.metadata = BearerToken(c.upstream_token_file).metadata
+        self.channel = make_channel(c.upstream, tls)
         self.stub = make_stub(self.channel)
         health = health_pb2_grpc.HealthStub(self.channel)
-        self.capabilities = CapabilitiesCache(self.stub, self.config.describe_refresh, health)
+        self.capabilities = CapabilitiesCache(self.stub, c.describe_refresh, health, self.metadata)
         self.capabilities.start()
         if self.config.metrics_listen is not None:
             host, _, port = self.config.metrics_listen.rpartition(":")
@@ -136,7 +149,14 @@ class Bridge:
         self.metrics.connections_open.inc()
         try:
             connection = MtaConnection(
-                conn_id, reader, writer, self.config, self.capabilities, self.stub, self.metrics
+                conn_id,
+                reader,
+                writer,
+                self.config,
+                self.capabilities,
+                self.stub,
+                self.metrics,
+                self.metadata,
             )
             await connection.run()
         except asyncio.CancelledError:

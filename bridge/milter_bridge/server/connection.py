@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import grpc
@@ -34,6 +34,7 @@ from milter_bridge.session import (
     Stage,
 )
 from milter_bridge.upstream.capabilities import CapabilitiesCache
+from milter_bridge.upstream.security import Metadata, no_metadata
 from milter_bridge.upstream.stream import CLOSE_TIMEOUT, PolicyStream, StreamFailure
 from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
@@ -74,8 +75,10 @@ class MtaConnection:
         capabilities: CapabilitiesCache,
         stub: policy_pb2_grpc.PolicyServiceAsyncStub,
         metrics: Metrics,
+        metadata: Callable[[], Metadata] = no_metadata,
     ) -> None:
         self.conn_id = conn_id
+        self._metadata = metadata
         self._metrics = metrics
         # When the current message began (first bytes read after the last one ended).
         self._message_started: float | None = None
@@ -191,7 +194,9 @@ class MtaConnection:
         if session is None or not session.plan.available or self._broken_reason() is not None:
             return  # no capabilities known, or the policy failed on this message
         if self._stream is None:
-            self._stream = PolicyStream(self._stub, self.log, self._metrics.stream_retries.inc)
+            self._stream = PolicyStream(
+                self._stub, self.log, self._metrics.stream_retries.inc, self._metadata
+            )
             self._metrics.streams.inc()
         kind = request.WhichOneof("event")
         if kind != "start":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from milter_bridge import __version__
 from milter_bridge.session.plan import InvalidCapabilitiesError, Plan
+from milter_bridge.upstream.security import Metadata, no_metadata
 from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 
@@ -34,8 +36,10 @@ class CapabilitiesCache:
         stub: policy_pb2_grpc.PolicyServiceAsyncStub,
         refresh: float,
         health: health_pb2_grpc.HealthStub | None = None,
+        metadata: Callable[[], Metadata] = no_metadata,
     ) -> None:
         self._stub = stub
+        self._metadata = metadata
         self._health = health
         # The policy's grpc.health.v1 answer: True for SERVING or no health service.
         self.healthy = False
@@ -95,7 +99,9 @@ class CapabilitiesCache:
             return
         try:
             request = health_pb2.HealthCheckRequest(service="")
-            answer = await self._health.Check(request, timeout=DESCRIBE_TIMEOUT)
+            answer = await self._health.Check(
+                request, timeout=DESCRIBE_TIMEOUT, metadata=self._metadata()
+            )
             self.healthy = answer.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError as exc:
             # A policy without a health service is judged by Describe alone.
@@ -104,7 +110,9 @@ class CapabilitiesCache:
     async def _fetch(self) -> None:
         await self._check_health()
         request = pb.DescribeRequest(bridge_version=__version__)
-        response = await self._stub.Describe(request, timeout=DESCRIBE_TIMEOUT)
+        response = await self._stub.Describe(
+            request, timeout=DESCRIBE_TIMEOUT, metadata=self._metadata()
+        )
         plan = Plan.from_capabilities(response.capabilities, response.fingerprint)
         if self._plan is None or plan.capabilities != self._plan.capabilities:
             log.info(

@@ -13,6 +13,7 @@ import json
 import grpc
 import grpc.aio
 
+from milter_bridge.upstream.security import Tls
 from milter_bridge.v1 import policy_pb2_grpc
 
 MAX_ANSWER_SIZE = 64 << 20
@@ -38,9 +39,11 @@ OPTIONS: list[tuple[str, object]] = [
 ]
 
 
-def make_channel(target: str) -> grpc.aio.Channel:
+def make_channel(target: str, tls: Tls | None = None) -> grpc.aio.Channel:
     """Create inside the running event loop (grpc.aio binds the channel to it)."""
-    return grpc.aio.insecure_channel(target, options=OPTIONS)
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=OPTIONS)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=OPTIONS + tls.options())
 
 
 def make_stub(channel: grpc.aio.Channel) -> policy_pb2_grpc.PolicyServiceAsyncStub:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import grpc
 import grpc.aio
 
+from milter_bridge.upstream.security import Metadata, no_metadata
 from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 
@@ -64,8 +65,10 @@ class PolicyStream:
         stub: policy_pb2_grpc.PolicyServiceAsyncStub,
         log: logging.LoggerAdapter[logging.Logger],
         on_retry: Callable[[], object] | None = None,
+        metadata: Callable[[], Metadata] = no_metadata,
     ) -> None:
         self._stub = stub
+        self._metadata = metadata
         self._on_retry = on_retry
         self._log = log
         self._call: Call | None = None
@@ -82,7 +85,9 @@ class PolicyStream:
         self._attempts += 1
         self._queue = asyncio.Queue()
         # wait_for_ready: a restarting policy is waited for; the caller's deadline bounds it.
-        call = self._stub.Process(None, wait_for_ready=True)  # requests are written one by one
+        call = self._stub.Process(
+            None, wait_for_ready=True, metadata=self._metadata()
+        )  # requests are written one by one
         self._call = call
         self._reader = asyncio.create_task(self._read(call, self._queue), name="policy-reader")
 
