@@ -82,6 +82,12 @@ class Metrics:
         self.stream_retries = Counter(
             p + "upstream_stream_retries", "Streams opened again after UNAVAILABLE", registry=r
         )
+        self.replica_streams = Counter(
+            p + "upstream_replica_streams",
+            "Policy streams by the replica that took them (its milter-policy-replica header)",
+            ["replica"],
+            registry=r,
+        )
         self.policy_ready = Gauge(
             p + "policy_ready",
             "1 when capabilities are known and the policy is healthy",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +35,7 @@ class _Service(policy_pb2_grpc.PolicyServiceServicer):
         self.executor = executor
         self.capabilities = policy.capabilities()
         self.fingerprint = policy.fingerprint
+        self.replica = socket.gethostname()  # PolicyServer adds the port once it has one
 
     async def Describe(  # noqa: N802 - gRPC method name
         self,
@@ -61,6 +63,10 @@ class _Service(policy_pb2_grpc.PolicyServiceServicer):
                         return
                     if request.HasField("start"):
                         log.info("connection %s", request.start.session_id)
+                        # Tells the bridge which replica took the stream (per-replica metrics).
+                        await context.send_initial_metadata(
+                            (("milter-policy-replica", self.replica),)
+                        )
                     for response in await dispatcher.handle(request):
                         out.put_nowait(response)
                 await dispatcher.close()
@@ -121,9 +127,8 @@ class PolicyServer:
 
     async def start(self) -> None:
         """Listen and serve: PolicyService, gRPC health (SERVING) and reflection."""
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-            _Service(self.policy, self._executor), self._server
-        )
+        servicer = _Service(self.policy, self._executor)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, self._server)
         health = self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
         service = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
@@ -139,6 +144,7 @@ class PolicyServer:
             self.port = self._server.add_insecure_port(self.address)
         else:
             self.port = self._server.add_secure_port(self.address, self._tls.credentials())
+        servicer.replica = f"{socket.gethostname()}:{self.port}"
         await self._server.start()
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         await health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -4,16 +4,21 @@ policy, /healthz the process. Metrics are scraped after scripted runs, never tim
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from milter_bridge.protocol import replies as r
+from milter_bridge.server.bridge import Bridge
 from milter_bridge.session import Stage
 from milter_bridge.v1 import policy_pb2 as pb
+from milter_policy.server import PolicyServer
 from tests.runtime.policy import verdict
 from tests.runtime.stack import Stack, running
+from tests.runtime.stack import test_config as bridge_config
 from tests.runtime.test_failures import CONNECT_AND_EOM, eom_answer, one_message
+from tests.runtime.test_tls import accepting, message_through
 
 METRICS = "127.0.0.1:0"  # port 0: the bridge reports the port it got
 Decide = Callable[[pb.ProcessRequest], Awaitable[list[pb.ProcessResponse]]]
@@ -128,3 +133,32 @@ async def test_messages_decisions_and_failures_are_counted() -> None:
         assert value(found, "policy_latency_seconds_count", stage="connect") == 5
         assert value(found, "message_duration_seconds_count") == 5
         assert value(found, "upstream_streams_total") >= len(runs) + 1
+
+
+async def test_streams_are_counted_per_replica() -> None:
+    replicas = [PolicyServer(accepting(), "127.0.0.1:0") for _ in range(3)]
+    for server in replicas:
+        await server.start()
+    target = "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in replicas)
+    bridge = Bridge(bridge_config(target, metrics_listen=METRICS))
+    await bridge.start()
+    try:
+        assert await bridge.capabilities.plan(5.0) is not None
+        for _ in range(9):
+            assert await message_through(bridge) == [r.Continue(), r.Accept()]
+        status, body = await get(bridge.metrics_port, "/metrics")
+        assert status == 200
+        per_replica = {
+            s.labels["replica"]: s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+            if s.name == "milter_bridge_upstream_replica_streams_total"
+        }
+    finally:
+        await bridge.stop()
+        for server in replicas:
+            await server.stop(0)
+    names = {f"{socket.gethostname()}:{s.port}" for s in replicas}
+    assert set(per_replica) <= names, per_replica  # each named by its milter-policy-replica header
+    assert sum(per_replica.values()) == 9
+    assert len(per_replica) >= 2, per_replica  # round_robin spread the streams

@@ -195,7 +195,11 @@ class MtaConnection:
             return  # no capabilities known, or the policy failed on this message
         if self._stream is None:
             self._stream = PolicyStream(
-                self._stub, self.log, self._metrics.stream_retries.inc, self._metadata
+                self._stub,
+                self.log,
+                self._metrics.stream_retries.inc,
+                self._metadata,
+                lambda replica: self._metrics.replica_streams.labels(replica).inc(),
             )
             self._metrics.streams.inc()
         kind = request.WhichOneof("event")

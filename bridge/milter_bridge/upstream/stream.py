@@ -66,9 +66,11 @@ class PolicyStream:
         log: logging.LoggerAdapter[logging.Logger],
         on_retry: Callable[[], object] | None = None,
         metadata: Callable[[], Metadata] = no_metadata,
+        on_replica: Callable[[str], object] | None = None,
     ) -> None:
         self._stub = stub
         self._metadata = metadata
+        self._on_replica = on_replica
         self._on_retry = on_retry
         self._log = log
         self._call: Call | None = None
@@ -93,6 +95,10 @@ class PolicyStream:
 
     async def _read(self, call: Call, queue: asyncio.Queue[object]) -> None:
         try:
+            if self._on_replica is not None:
+                # Which replica took the stream, as it says in its response headers.
+                headers = await call.initial_metadata()
+                self._on_replica(replica_of(headers))
             while True:
                 response = await call.read()
                 if response is _EOF:
@@ -211,3 +217,14 @@ class PolicyStream:
         self._cancelled = True
         if self._call is not None:
             self._call.cancel()
+
+
+REPLICA_HEADER = "milter-policy-replica"  # policy.proto: sent by a policy in its response headers
+
+
+def replica_of(headers: object) -> str:
+    """The replica's name from the stream's response headers; "unknown" when it sends none."""
+    for key, value in headers or ():  # type: ignore[attr-defined]
+        if key == REPLICA_HEADER:
+            return str(value)[:128]
+    return "unknown"

@@ -136,6 +136,9 @@ class PolicyServiceServicer:
 
     def Process(self, request_iterator, context):
         """One stream per SMTP session; see the service comment for the sequence.
+        A policy may name itself in the response header (initial metadata)
+        `milter-policy-replica`, e.g. "pod-name:port": the bridge then counts
+        streams per replica (metric milter_bridge_upstream_replica_streams_total).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -99,7 +99,11 @@ class PolicyServiceStub:
     before an MTA's option negotiation).
     """
     Process: _grpc.StreamStreamMultiCallable[_policy_pb2.ProcessRequest, _policy_pb2.ProcessResponse]
-    """One stream per SMTP session; see the service comment for the sequence."""
+    """One stream per SMTP session; see the service comment for the sequence.
+    A policy may name itself in the response header (initial metadata)
+    `milter-policy-replica`, e.g. "pod-name:port": the bridge then counts
+    streams per replica (metric milter_bridge_upstream_replica_streams_total).
+    """
 
 @_typing.type_check_only
 class PolicyServiceAsyncStub(PolicyServiceStub):
@@ -150,7 +154,11 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     before an MTA's option negotiation).
     """
     Process: _aio.StreamStreamMultiCallable[_policy_pb2.ProcessRequest, _policy_pb2.ProcessResponse]  # type: ignore[assignment]
-    """One stream per SMTP session; see the service comment for the sequence."""
+    """One stream per SMTP session; see the service comment for the sequence.
+    A policy may name itself in the response header (initial metadata)
+    `milter-policy-replica`, e.g. "pod-name:port": the bridge then counts
+    streams per replica (metric milter_bridge_upstream_replica_streams_total).
+    """
 
 class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     """A policy service: it declares what it wants to see and do (Describe), then
@@ -210,6 +218,10 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_policy_pb2.ProcessRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_policy_pb2.ProcessResponse], _abc.AsyncIterator[_policy_pb2.ProcessResponse]]:
-        """One stream per SMTP session; see the service comment for the sequence."""
+        """One stream per SMTP session; see the service comment for the sequence.
+        A policy may name itself in the response header (initial metadata)
+        `milter-policy-replica`, e.g. "pod-name:port": the bridge then counts
+        streams per replica (metric milter_bridge_upstream_replica_streams_total).
+        """
 
 def add_PolicyServiceServicer_to_server(servicer: PolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
