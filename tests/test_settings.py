@@ -33,6 +33,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "max_header_buffer": ("2048", "2048"),
     "mta_idle_timeout": ("60", "60"),
     "log_level": ("debug", '"debug"'),
+    "log_format": ("json", '"json"'),
     "metrics_listen": ("127.0.0.1:9890", '"127.0.0.1:9890"'),
     # {ca}, {cert}, {key}, {token}: files the test makes (the settings check them at start).
     "upstream_tls": ("on", '"on"'),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from milter_bridge import __version__, probe
+from milter_bridge import __version__, logs, probe
 from milter_bridge.config import (
     Config,
     ConfigError,
@@ -173,6 +173,7 @@ def _build(v: dict[str, object]) -> Config:
         mta_idle_timeout=v["mta_idle_timeout"],  # type: ignore[arg-type]
         metrics_listen=v["metrics_listen"],  # type: ignore[arg-type]
         log_level=str(v["log_level"]),
+        log_format=str(v["log_format"]),
         upstream_tls=v["upstream_tls"] == "on",
         upstream_ca=v["upstream_ca"],  # type: ignore[arg-type]
         upstream_cert=v["upstream_cert"],  # type: ignore[arg-type]
@@ -219,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one exit per 
     except ConfigError as exc:
         print(f"milter-bridge: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.setup(config.log_level, config.log_format)
     for warning in warnings_for(config):
         logging.getLogger("milter_bridge").warning("%s", warning)
     try:

@@ -119,6 +119,7 @@ class Config:
     # HOST:PORT of the HTTP endpoint for metrics and health; None: off.
     metrics_listen: str | None = None
     log_level: str = "info"
+    log_format: str = "plain"  # or "json"
     # TLS to the policy: on with system roots, or with this CA; a client
     # certificate and key for mutual TLS; the name its certificate must carry.
     upstream_tls: bool = False
@@ -170,6 +171,9 @@ class Config:
                 raise ConfigError(msg)
         if self.log_level not in ("debug", "info", "warning", "error"):
             msg = f"--log-level: {self.log_level!r} is not debug, info, warning or error"
+            raise ConfigError(msg)
+        if self.log_format not in ("plain", "json"):
+            msg = f"--log-format: {self.log_format!r} is not plain or json"
             raise ConfigError(msg)
         self._check_upstream_security()
 

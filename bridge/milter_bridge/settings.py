@@ -180,6 +180,14 @@ SETTINGS = (
         "a token sent as 'authorization: Bearer TOKEN' on every call; read again when it changes",
     ),
     Setting(
+        "log_format",
+        str,
+        "plain",
+        "FORMAT",
+        "plain lines, or json: one object per line with conn, qid, stage, verdict, latency_ms",
+        ("plain", "json"),
+    ),
+    Setting(
         "log_level",
         str,
         "info",

@@ -299,3 +299,47 @@ async def test_metrics_endpoint_of_the_running_process(
     assert result.stderr.startswith(f"milter-bridge: --metrics-listen 127.0.0.1:{port}: ")
     assert "address already in use" in result.stderr.lower()
     await one_session(bridge)  # the first instance still serves
+
+
+async def test_json_logs_carry_the_fields_and_no_content(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    import json  # noqa: PLC0415
+
+    bridge = await start_bridge(
+        bridge_factory, tmp_path, policy.target, "--log-format", "json", "--log-level", "debug"
+    )
+    mta = await bridge.connect()
+    await mta.negotiate()
+    assert await mta.command(*h.connect()) == [r.Continue()]
+    t_macros, data, subject_from, subject, n_macros, eoh, body = h.content()
+    steps = [
+        h.mail(),
+        h.rcpt(),
+        [t_macros, data],
+        [subject_from],
+        [subject],
+        [n_macros, eoh],
+        [body],
+    ]
+    for commands in steps:  # one reply each: the bridge answers what the policy skips
+        assert await mta.command(*commands) == [r.Continue()]
+    assert await mta.command(*h.eom()) == [r.Continue()]
+    await mta.send(cmd.Quit())
+    assert await mta.closed_by_peer()  # barrier: the bridge has handled the whole session
+    await mta.close()
+    await bridge.stop()
+
+    records = [json.loads(line) for line in bridge.log().splitlines()]  # every line is JSON
+    (ended,) = [x for x in records if x["message"].startswith("end of message")]
+    assert ended["level"] == "info"
+    assert ended["logger"] == "milter_bridge.connection"
+    assert ended["qid"] == "QID1"
+    assert ended["conn"]
+    assert ended["stage"] == "end_of_message"
+    assert ended["verdict"] == "continue"
+    assert isinstance(ended["latency_ms"], float)
+    assert not ended["message"].startswith("conn=")  # the fields are not repeated in the text
+    # Even at debug level no address, header or body reaches the log.
+    for content in ("sender@example.test", "rcpt@example.test", "hello", "body line"):
+        assert content not in bridge.log(), content

@@ -61,8 +61,10 @@ class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
         self, msg: object, kwargs: MutableMapping[str, Any]
     ) -> tuple[object, MutableMapping[str, Any]]:
         qid = self.session.queue_id if self.session is not None else None
-        prefix = f"conn={self.conn_id}" + (f" qid={qid}" if qid else "")
-        return f"{prefix}: {msg}", kwargs
+        prefix = f"conn={self.conn_id}" + (f" qid={qid}" if qid else "") + ": "
+        extra = {"conn": self.conn_id, "qid": qid or None, "log_prefix": prefix}
+        kwargs["extra"] = extra | dict(kwargs.get("extra") or {})
+        return f"{prefix}{msg}", kwargs
 
 
 class MtaConnection:
@@ -298,12 +300,33 @@ class MtaConnection:
         self._metrics.policy_latency.labels(stage.value).observe(now - self._decision_started)
         if stage is Stage.EOM:
             self._message_ended(action, now)
+        elif action not in ("continue", "skip"):
+            # A decision before end of message that ends the message or the session.
+            latency_ms = round((now - self._decision_started) * 1000, 1)
+            self.log.info(
+                "%s: %s (policy %.1f ms)",
+                stage.value,
+                action,
+                latency_ms,
+                extra={"stage": stage.value, "verdict": action, "latency_ms": latency_ms},
+            )
 
     def _message_ended(self, verdict: str, now: float) -> None:
         self._metrics.messages.labels(verdict).inc()
+        latency_ms = round((now - self._decision_started) * 1000, 1)
+        message_ms = None
         if self._message_started is not None:
             self._metrics.message_duration.observe(now - self._message_started)
+            message_ms = round((now - self._message_started) * 1000, 1)
         self._message_started = None
+        # One line per message: what was answered and how long the policy took.
+        self.log.info(
+            "end of message: %s (policy %.1f ms, message %s ms)",
+            verdict,
+            latency_ms,
+            message_ms,
+            extra={"stage": "end_of_message", "verdict": verdict, "latency_ms": latency_ms},
+        )
 
     async def _fail(self, session: Session, reason: str, cause: str) -> None:
         pending = session.pending
@@ -317,6 +340,7 @@ class MtaConnection:
             pending.stage.value,
             reason,
             action.name.lower(),
+            extra={"stage": pending.stage.value, "verdict": action.name.lower(), "cause": cause},
         )
         self._drop_stream(session, f"failed at {pending.stage.value}: {reason}", cause)
         await self._carry_out(session.fail(action))
