@@ -31,6 +31,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "max_packet_size": ("4096", "4096"),
     "max_body_buffer": ("8192", "8192"),
     "max_header_buffer": ("2048", "2048"),
+    "max_headers": ("50", "50"),
     "mta_idle_timeout": ("60", "60"),
     "log_level": ("debug", '"debug"'),
     "log_format": ("json", '"json"'),

@@ -170,6 +170,7 @@ def _build(v: dict[str, object]) -> Config:
         max_packet_size=v["max_packet_size"],  # type: ignore[arg-type]
         max_body_buffer=v["max_body_buffer"],  # type: ignore[arg-type]
         max_header_buffer=v["max_header_buffer"],  # type: ignore[arg-type]
+        max_headers=v["max_headers"],  # type: ignore[arg-type]
         mta_idle_timeout=v["mta_idle_timeout"],  # type: ignore[arg-type]
         metrics_listen=v["metrics_listen"],  # type: ignore[arg-type]
         log_level=str(v["log_level"]),

@@ -24,7 +24,11 @@ from typing import TypeVar
 
 from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
 from milter_bridge.session import FailureAction, Stage
-from milter_bridge.session.machine import DEFAULT_MAX_BODY_BUFFER, DEFAULT_MAX_HEADER_BUFFER
+from milter_bridge.session.machine import (
+    DEFAULT_MAX_BODY_BUFFER,
+    DEFAULT_MAX_HEADER_BUFFER,
+    DEFAULT_MAX_HEADERS,
+)
 
 # Stages that can await the policy, by their names in the proto and on the command line.
 STAGES: dict[str, Stage] = {s.value: s for s in Stage if s is not Stage.ABORT}
@@ -114,6 +118,7 @@ class Config:
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     max_body_buffer: int = DEFAULT_MAX_BODY_BUFFER
     max_header_buffer: int = DEFAULT_MAX_HEADER_BUFFER
+    max_headers: int = DEFAULT_MAX_HEADERS
     # libmilter's default: an MTA that sends nothing for this long is gone.
     mta_idle_timeout: float = 7210.0
     # HOST:PORT of the HTTP endpoint for metrics and health; None: off.
@@ -156,6 +161,7 @@ class Config:
         _positive("--max-packet-size", self.max_packet_size)
         _positive("--max-body-buffer", self.max_body_buffer)
         _positive("--max-header-buffer", self.max_header_buffer)
+        _positive("--max-headers", self.max_headers)
         for stage, seconds in self.deadlines.items():
             _positive(f"--deadline {stage.value}", seconds)
         if not self.upstream:

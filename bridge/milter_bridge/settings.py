@@ -17,7 +17,11 @@ from pathlib import Path
 
 from milter_bridge.config import DEFAULT_DEADLINE, DEFAULT_EOM_DEADLINE, STAGES, ConfigError
 from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
-from milter_bridge.session.machine import DEFAULT_MAX_BODY_BUFFER, DEFAULT_MAX_HEADER_BUFFER
+from milter_bridge.session.machine import (
+    DEFAULT_MAX_BODY_BUFFER,
+    DEFAULT_MAX_HEADER_BUFFER,
+    DEFAULT_MAX_HEADERS,
+)
 
 ENV_PREFIX = "MILTER_BRIDGE_"
 
@@ -126,6 +130,13 @@ SETTINGS = (
         DEFAULT_MAX_HEADER_BUFFER,
         "BYTES",
         "most header bytes held for the policy per message",
+    ),
+    Setting(
+        "max_headers",
+        int,
+        DEFAULT_MAX_HEADERS,
+        "COUNT",
+        "most headers held for the policy per message; beyond, headers_truncated",
     ),
     Setting(
         "mta_idle_timeout",

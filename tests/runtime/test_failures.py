@@ -229,6 +229,16 @@ async def test_bad_mta_input_closes_only_that_connection(
         await served_normally(stack)
 
 
+async def test_silent_mta_connection_is_closed_after_the_idle_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(CONNECT_AND_EOM, mta_idle_timeout=0.3) as stack:
+        silent = await stack.negotiated()
+        assert await silent.closed_by_peer()  # the bridge closed it; nothing was sent
+        assert "the MTA sent nothing for 0.3s: closing" in caplog.text
+        await served_normally(stack)
+
+
 async def test_connection_limit_refuses_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
     async with running(CONNECT_AND_EOM, max_connections=1) as stack:
         first = await stack.negotiated()

@@ -6,6 +6,7 @@ from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import ProtocolFlag
 from milter_bridge.session import FailureAction, Plan, Session
+from milter_bridge.v1 import policy_pb2 as pb
 from tests.session import harness as h
 from tests.session.harness import Mta
 
@@ -34,6 +35,23 @@ def test_collected_headers_are_cut_at_the_limit() -> None:
     eom = mta.last().end_of_message
     assert len(eom.headers) == 4
     assert eom.headers_truncated
+
+
+def test_collected_headers_are_cut_at_the_count_limit() -> None:
+    mta = Mta(h.eom_only())
+    mta.session = Session(Plan.from_capabilities(h.eom_only()), max_headers=3)
+    mta.send(h.OFFER_V6, *h.connect(), *h.mail(), *h.rcpt())
+    for n in range(10):
+        mta.send(cmd.Header(b"X-N", str(n).encode()))
+    mta.send(*h.eom())
+    eom = mta.last().end_of_message
+    assert [x.value for x in eom.headers] == [b"0", b"1", b"2"]  # the first ones, in order
+    assert eom.headers_truncated
+    # The next message starts with none collected.
+    mta.verdict(pb.ACTION_CONTINUE)
+    mta.send(*h.mail(), *h.rcpt(), cmd.Header(b"X-N", b"new"), *h.eom())
+    eom = mta.last().end_of_message
+    assert ([x.value for x in eom.headers], eom.headers_truncated) == ([b"new"], False)
 
 
 def test_buffered_body_is_capped_by_the_bridge_too() -> None:

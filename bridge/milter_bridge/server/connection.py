@@ -153,6 +153,7 @@ class MtaConnection:
             max_packet_size=config.max_packet_size,
             max_body_buffer=config.max_body_buffer,
             max_header_buffer=config.max_header_buffer,
+            max_headers=config.max_headers,
         )
         self.session = self.log.session = session
         self.log.debug("connected")

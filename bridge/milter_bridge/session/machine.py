@@ -43,6 +43,7 @@ from milter_bridge.v1 import policy_pb2 as pb
 
 DEFAULT_MAX_BODY_BUFFER = 16 << 20
 DEFAULT_MAX_HEADER_BUFFER = 1 << 20
+DEFAULT_MAX_HEADERS = 1000
 
 # Commands an MTA may send while it waits for an answer (ABORT, QUIT after its
 # own timeout); more than this many means it does not wait at all.
@@ -122,12 +123,14 @@ class Session:
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         max_body_buffer: int = DEFAULT_MAX_BODY_BUFFER,
         max_header_buffer: int = DEFAULT_MAX_HEADER_BUFFER,
+        max_headers: int = DEFAULT_MAX_HEADERS,
     ) -> None:
         self.plan = plan
         # Memory per connection: a buffered body and the headers collected for the
         # policy are cut at these sizes (the policy is told: *_truncated).
         self.body_limit = min(plan.body_limit, max_body_buffer)
         self.max_header_buffer = max_header_buffer
+        self.max_headers = max_headers
         self.connection_id = connection_id
         self.decoder = CommandDecoder(max_packet_size)
         self.negotiation: Negotiation | None = None
@@ -377,7 +380,11 @@ class Session:
         return self._event(Stage.BODY, command, "body_chunk", pb.BodyChunk(data=chunk))
 
     def _collect_header(self, header: pb.Header, size: int) -> None:
-        if self._headers_truncated or self._header_bytes + size > self.max_header_buffer:
+        if (
+            self._headers_truncated
+            or self._header_bytes + size > self.max_header_buffer
+            or len(self._headers) >= self.max_headers
+        ):
             self._headers_truncated = True
             return
         self._header_bytes += size
