@@ -2,6 +2,11 @@
 
 Plays the MTA's first step: OPTNEG as Postfix and Sendmail send it, waits for
 the reply, then QUIT. Exit status 0 when the bridge answered, 1 otherwise.
+
+Whether the bridge knows its policy's capabilities shows in the answer: without
+them it negotiates the minimum (no actions, every event but CONNECT off). With
+``--require-policy`` that answer fails the probe too (a readiness check); a
+policy that itself asks for nothing but CONNECT and no actions looks the same.
 """
 
 from __future__ import annotations
@@ -15,8 +20,19 @@ from milter_bridge.protocol import ProtocolError, ReplyDecoder, encode
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
+from milter_bridge.session import Plan, Session
+from milter_bridge.session.machine import SendToMta
 
 OFFER = cmd.OptionNegotiation(6, ActionFlag(0x1FF), ProtocolFlag(0x1FFFFF))
+
+
+def _minimum() -> r.OptionNegotiationReply:
+    """What a bridge without policy capabilities answers to OFFER."""
+    outputs = Session(Plan.unavailable()).feed(encode(OFFER))
+    data = b"".join(o.data for o in outputs if isinstance(o, SendToMta))
+    (reply,) = ReplyDecoder().feed(data)
+    assert isinstance(reply, r.OptionNegotiationReply)
+    return reply
 
 
 async def probe(spec: str, timeout: float) -> str:
@@ -45,7 +61,10 @@ async def probe(spec: str, timeout: float) -> str:
         writer.write(encode(cmd.Quit()))
         await writer.drain()
         flags = f"actions 0x{int(reply.actions):X}, protocol 0x{int(reply.protocol):X}"
-        return f"version {reply.version}, {flags}"
+        minimum = _minimum()
+        if (reply.actions, reply.protocol) == (minimum.actions, minimum.protocol):
+            return f"version {reply.version}, {flags}; no policy capabilities known"
+        return f"version {reply.version}, {flags}; policy capabilities known"
     finally:
         writer.close()
 
@@ -61,6 +80,11 @@ def main(argv: list[str]) -> int:
         help="inet:HOST:PORT, inet6:[ADDR]:PORT or unix:/PATH",
     )
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument(
+        "--require-policy",
+        action="store_true",
+        help="fail (exit 1) when the bridge does not know its policy's capabilities",
+    )
     args = parser.parse_args(argv)
     try:
         result = asyncio.run(probe(args.connect, args.timeout))
@@ -69,6 +93,9 @@ def main(argv: list[str]) -> int:
         return 2
     except (OSError, TimeoutError, ProtocolError) as exc:
         print(f"milter-bridge probe: {args.connect}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    if args.require_policy and result.endswith("no policy capabilities known"):
+        print(f"milter-bridge probe: {args.connect} negotiated {result}", file=sys.stderr)
         return 1
     print(f"ok: {args.connect} negotiated {result}")
     return 0

@@ -34,6 +34,9 @@ async def test_probe_a_listening_bridge_and_a_closed_port() -> None:
         code, out, _ = await run_probe("--connect", f"inet:127.0.0.1:{port}")
         assert code == 0
         assert "negotiated version 6, actions 0xFF, protocol 0x8F3C0" in out
+        assert out.rstrip().endswith("; policy capabilities known")
+        code, out, _ = await run_probe("--connect", f"inet:127.0.0.1:{port}", "--require-policy")
+        assert code == 0
     finally:
         await bridge.stop()
         await server.stop()
@@ -43,3 +46,25 @@ async def test_probe_a_listening_bridge_and_a_closed_port() -> None:
     code, _, err = await run_probe("--connect", "tcp:x")
     assert code == 2
     assert "--connect: 'tcp:x' is not" in err
+
+
+async def test_probe_tells_a_bridge_without_its_policy() -> None:
+    server = PolicyServer(ScriptedPolicy(h.eom_only()))
+    await server.start()
+    target = server.target
+    await server.stop()  # nothing listens there now
+    config = Config(
+        listen=Listen(ListenKind.INET, host="127.0.0.1"), upstream=target, describe_wait=0.05
+    )
+    bridge = Bridge(config)
+    await bridge.start()
+    try:
+        spec = f"inet:127.0.0.1:{bridge.port}"
+        code, out, _ = await run_probe("--connect", spec)
+        assert code == 0  # alive: it listens and negotiates
+        assert out.rstrip().endswith("; no policy capabilities known")
+        code, _, err = await run_probe("--connect", spec, "--require-policy")
+        assert code == 1  # not ready
+        assert "no policy capabilities known" in err
+    finally:
+        await bridge.stop()
