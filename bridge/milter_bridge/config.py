@@ -136,6 +136,14 @@ class Config:
     upstream_token_file: str | None = None
 
     @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of --metrics-listen; port -1 when it is not a number."""
+        if self.metrics_listen is None:
+            return None
+        host, _, port = self.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port) if port.isdigit() else -1
+
+    @property
     def tls(self) -> bool:
         return self.upstream_tls or self.upstream_ca is not None or self.upstream_cert is not None
 
@@ -171,8 +179,8 @@ class Config:
             msg = f"--socket-mode: {self.socket_mode:o} is not a permission mode"
             raise ConfigError(msg)
         if self.metrics_listen is not None:
-            host, _, port = self.metrics_listen.rpartition(":")
-            if not host or not port.isdigit() or int(port) > 65535:
+            host, port = self.metrics_address or ("", -1)
+            if not host or not 0 <= port <= 65535:
                 msg = f"--metrics-listen: {self.metrics_listen!r} is not HOST:PORT"
                 raise ConfigError(msg)
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -195,9 +203,9 @@ class Config:
         if self.upstream_server_name is not None and not self.tls:
             msg = "--upstream-server-name: only with TLS (--upstream-tls on or --upstream-ca)"
             raise ConfigError(msg)
-        _pem("--upstream-ca", self.upstream_ca, "CERTIFICATE")
-        _pem("--upstream-cert", self.upstream_cert, "CERTIFICATE")
-        _pem("--upstream-key", self.upstream_key, "PRIVATE KEY")
+        _pem("--upstream-ca", self.upstream_ca, "certificate", _PEM_CERTIFICATE)
+        _pem("--upstream-cert", self.upstream_cert, "certificate", _PEM_CERTIFICATE)
+        _pem("--upstream-key", self.upstream_key, "private key", _PEM_KEY)
         token = self.upstream_token_file
         if token is not None and not _read("--upstream-token-file", token).strip():
             msg = f"--upstream-token-file: {token} is empty"
@@ -266,10 +274,12 @@ def _read(flag: str, path: str) -> str:
         raise ConfigError(msg) from None
 
 
-def _pem(flag: str, path: str | None, kind: str) -> None:
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE")
+_PEM_KEY = re.compile(r"-----BEGIN (?:RSA |EC )?PRIVATE KEY")  # PKCS#8, PKCS#1 or SEC 1
+
+
+def _pem(flag: str, path: str | None, kind: str, marker: re.Pattern[str]) -> None:
     """Checked at start, so that a wrong file stops the bridge instead of failing every call."""
-    if path is not None and f"-----BEGIN {kind}" not in _read(flag, path).replace(
-        "BEGIN RSA PRIVATE KEY", "BEGIN PRIVATE KEY"
-    ).replace("BEGIN EC PRIVATE KEY", "BEGIN PRIVATE KEY"):
-        msg = f"--{flag.lstrip('-')}: {path} holds no PEM {kind.lower()}"
+    if path is not None and not marker.search(_read(flag, path)):
+        msg = f"{flag}: {path} holds no PEM {kind}"
         raise ConfigError(msg)

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 
 # Why a failure action was applied (failure_actions_total{cause}).
 CAUSES = (
@@ -120,7 +121,7 @@ class HttpEndpoint:
             parts = request.decode("latin-1").split()
             path = parts[1] if len(parts) > 1 else ""
             if path == "/metrics":
-                status, body, kind = 200, self.metrics.render(), "text/plain; version=0.0.4"
+                status, body, kind = 200, self.metrics.render(), CONTENT_TYPE_PLAIN_0_0_4
             elif path == "/healthz":
                 status, body, kind = 200, b"ok\n", "text/plain"
             elif path == "/readyz":

@@ -52,12 +52,15 @@ class Bridge:
 
     async def start(self) -> None:
         c = self.config
-        tls = load_tls(
-            enabled=c.upstream_tls,
-            ca=c.upstream_ca,
-            cert=c.upstream_cert,
-            key=c.upstream_key,
-            server_name=c.upstream_server_name,
+        tls = (
+            load_tls(
+                ca=c.upstream_ca,
+                cert=c.upstream_cert,
+                key=c.upstream_key,
+                server_name=c.upstream_server_name,
+            )
+            if c.tls
+            else None
         )
         if c.upstream_token_file is not None:
             self.metadata = BearerToken(c.upstream_token_file).metadata
@@ -66,15 +69,16 @@ class Bridge:
         health = health_pb2_grpc.HealthStub(self.channel)
         self.capabilities = CapabilitiesCache(self.stub, c.describe_refresh, health, self.metadata)
         self.capabilities.start()
-        if self.config.metrics_listen is not None:
-            host, _, port = self.config.metrics_listen.rpartition(":")
+        if c.metrics_address is not None:
+            host, port = c.metrics_address
             self._http = HttpEndpoint(self.metrics, self._ready)
             try:
-                self.metrics_port = await self._http.start(host.strip("[]"), int(port))
+                self.metrics_port = await self._http.start(host, port)
             except OSError as exc:
                 msg = f"--metrics-listen {self.config.metrics_listen}: {exc.strerror or exc}"
                 raise StartError(msg) from exc
-            log.info("metrics and health on http://%s:%d/", host, self.metrics_port)
+            shown = f"[{host}]" if ":" in host else host
+            log.info("metrics and health on http://%s:%d/", shown, self.metrics_port)
         listen = self.config.listen
         try:
             if listen.kind is ListenKind.UNIX:

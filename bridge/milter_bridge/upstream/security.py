@@ -42,12 +42,8 @@ class Tls:
         )
 
 
-def load_tls(
-    *, enabled: bool, ca: str | None, cert: str | None, key: str | None, server_name: str | None
-) -> Tls | None:
+def load_tls(*, ca: str | None, cert: str | None, key: str | None, server_name: str | None) -> Tls:
     """Reads the files named in the configuration (already checked to be PEM at start)."""
-    if not (enabled or ca or cert):
-        return None
 
     def read(path: str | None) -> bytes | None:
         return None if path is None else Path(path).read_bytes()
