@@ -58,7 +58,10 @@ def loaded(argv: list[str], environ: dict[str, str]) -> Loaded:
     return load_settings(_parser().parse_args(argv), environ)
 
 
-def security_files(directory: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def security_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One CA, certificate, key and token file for every case that names one."""
+    directory = tmp_path_factory.mktemp("security")
     ca = trustme.CA()
     leaf = ca.issue_cert("policy.example")
     files = {
@@ -84,9 +87,11 @@ def test_every_setting_has_a_sample() -> None:
 
 @pytest.mark.parametrize("name", sorted(BY_NAME))
 @pytest.mark.parametrize("way", ["flag", "env", "file"])
-def test_every_setting_three_ways(name: str, way: str, tmp_path: Path) -> None:
+def test_every_setting_three_ways(
+    name: str, way: str, tmp_path: Path, security_files: dict[str, str]
+) -> None:
     setting = BY_NAME[name]
-    files = security_files(tmp_path)
+    files = security_files
     text, toml = (fill(v, files) for v in SAMPLES[name])
     argv = list(REQUIRED) if name not in ("listen", "upstream") else []
     argv += [fill(a, files) for a in COMPANIONS.get(name, [])]

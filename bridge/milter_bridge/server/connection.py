@@ -303,7 +303,7 @@ class MtaConnection:
             self._message_ended(action, now)
         elif action not in ("continue", "skip"):
             # A decision before end of message that ends the message or the session.
-            latency_ms = round((now - self._decision_started) * 1000, 1)
+            latency_ms = self._policy_ms(now)
             self.log.info(
                 "%s: %s (policy %.1f ms)",
                 stage.value,
@@ -312,9 +312,13 @@ class MtaConnection:
                 extra={"stage": stage.value, "verdict": action, "latency_ms": latency_ms},
             )
 
+    def _policy_ms(self, now: float) -> float:
+        """Milliseconds since the pending event was handed to the policy (for log lines)."""
+        return round((now - self._decision_started) * 1000, 1)
+
     def _message_ended(self, verdict: str, now: float) -> None:
         self._metrics.messages.labels(verdict).inc()
-        latency_ms = round((now - self._decision_started) * 1000, 1)
+        latency_ms = self._policy_ms(now)
         message_ms = None
         if self._message_started is not None:
             self._metrics.message_duration.observe(now - self._message_started)
