@@ -1,0 +1,31 @@
+"""A policy replica in a process of its own, to be killed: ``python -m tests.runtime.replica``.
+
+It prints its port once it serves (the parent's readiness barrier) and answers
+every request that expects a reply with a continue verdict; its streams never
+end by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc.aio
+
+from milter_bridge.v1 import policy_pb2_grpc
+from tests.runtime.policy import ScriptedPolicy
+from tests.session import harness as h
+
+
+async def main() -> None:
+    server = grpc.aio.server()
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+        ScriptedPolicy(h.capabilities(connect=h.DECIDE)), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)  # the parent reads it
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
