@@ -1,4 +1,4 @@
-"""The milter-bridge command: --version and --explain."""
+"""The milter-bridge command: --version, --explain, --help, and how it runs the event loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
+from milter_bridge import cli
 from milter_bridge.cli import main
+from milter_bridge.config import Config, parse_listen
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.session.harness import eom_only
 
@@ -57,3 +59,57 @@ def test_console_script_is_installed() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("milter-bridge ")
+
+
+def test_help_shows_each_default() -> None:
+    text = " ".join(cli._parser().format_help().split())
+    assert "(default: 8,end_of_message=120) [MILTER_BRIDGE_DEADLINE]" in text
+    assert "(default: 1000) [MILTER_BRIDGE_MAX_RECIPIENTS]" in text
+
+
+# The bridge's own main() in a process without uvloop, its serve() replaced by one
+# that logs an exception raised in the loop, as the bridge would log a bug.
+LOGS_A_TRACEBACK = """
+import logging, sys
+sys.modules["uvloop"] = None  # import uvloop fails, as where it is not installed
+from milter_bridge import cli
+
+async def serve(config):
+    try:
+        raise RuntimeError("raised in the served loop")
+    except RuntimeError:
+        logging.getLogger("milter_bridge").exception("logged in the served loop")
+
+cli.serve = serve
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_tracebacks_logged_in_the_served_loop_do_not_mention_uvloop() -> None:
+    argv = ["--listen", "inet:127.0.0.1:1", "--upstream", "p:1"]
+    result = subprocess.run(
+        [sys.executable, "-c", LOGS_A_TRACEBACK, *argv],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "RuntimeError: raised in the served loop" in result.stderr
+    assert "uvloop" not in result.stderr, result.stderr
+    assert "During handling of the above exception" not in result.stderr
+
+
+def test_exceptions_in_the_served_loop_have_no_import_error_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # the asyncio.run fallback
+    raised: list[BaseException] = []
+
+    async def serve(config: Config) -> None:
+        try:
+            raise RuntimeError
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    monkeypatch.setattr(cli, "serve", serve)
+    cli._run(Config(listen=parse_listen("inet:127.0.0.1:1"), upstream="p:1"))
+    (exc,) = raised
+    assert exc.__context__ is None

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
+from milter_bridge import settings
 from milter_bridge.cli import _parser, config_from, load_settings
-from milter_bridge.config import ConfigError
+from milter_bridge.config import Config, ConfigError, parse_listen
+from milter_bridge.options import Setting
 from milter_bridge.settings import BY_NAME, SETTINGS, Loaded
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -32,6 +36,8 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "max_body_buffer": ("8192", "8192"),
     "max_header_buffer": ("2048", "2048"),
     "max_headers": ("50", "50"),
+    "max_recipients": ("60", "60"),
+    "max_recipient_buffer": ("4096", "4096"),
     "mta_idle_timeout": ("60", "60"),
     "log_level": ("debug", '"debug"'),
     "log_format": ("json", '"json"'),
@@ -220,6 +226,9 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
     assert f"listen = 'inet:127.0.0.1:1'  (config file {file})" in good.stdout
     assert "configuration is valid" in good.stdout
+    # Values not given are Config's defaults, shown as one would write them.
+    assert "deadline = '8,end_of_message=120'  (default)" in good.stdout
+    assert "max_recipients = 1000  (default)" in good.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "milter_bridge", "check-config", "--config", str(file)],
         capture_output=True, text=True, check=False, timeout=60,
@@ -229,11 +238,80 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert "MILTER_BRIDGE_MAX_PACKET_SIZE: 0 must be greater than 0" in bad.stderr
 
 
+def reference_row(setting: Setting) -> str:
+    default = setting.shown_default
+    shown = "—" if default is None else f"`{default}`"
+    return f"| `{setting.flag}` | `{setting.env}` | `{setting.name}` | {shown} | {setting.help} |"
+
+
 def test_reference_table_lists_every_setting() -> None:
     text = DOCS.read_text()
     for setting in SETTINGS:
         assert f"`{setting.flag}`" in text, setting.name
         assert f"`{setting.env}`" in text, setting.name
+    # Row by row, with the default and help Config declares, in Config's order.
+    rows = [line for line in text.splitlines() if line.startswith("| `--")]
+    assert rows == [reference_row(s) for s in SETTINGS]
+
+
+def differences(a: Config, b: Config) -> list[str]:
+    return [f.name for f in fields(Config) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def test_the_command_line_defaults_are_configs_defaults() -> None:
+    """What the program runs with when only --listen and --upstream are given is what
+    ``Config(listen=..., upstream=...)`` holds: the tests' bridges run the program's."""
+    from_cli = config_from(loaded(REQUIRED, {}))
+    direct = Config(listen=parse_listen("inet:127.0.0.1:1"), upstream="p:1")
+    assert differences(from_cli, direct) == []
+    assert {f.name for f in fields(Config)} == {s.field for s in SETTINGS}
+
+
+@pytest.mark.parametrize("name", sorted(set(BY_NAME) - {"listen", "upstream"}))
+def test_the_comparison_sees_every_setting(name: str, security_files: dict[str, str]) -> None:
+    """A value other than the default shows in ``differences``, whichever setting it is."""
+    setting = BY_NAME[name]
+    argv = [fill(a, security_files) for a in [*COMPANIONS.get(name, []), setting.flag]]
+    given = config_from(loaded([*REQUIRED, *argv, fill(SAMPLES[name][0], security_files)], {}))
+    assert setting.field in differences(given, config_from(loaded(REQUIRED, {})))
+
+
+def test_a_second_default_in_the_loading_path_would_be_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bug this guards against: the loader filling in a default of its own."""
+    invented = replace(BY_NAME["max_headers"], required=True, parse=lambda raw: 999)
+    patched = tuple(invented if s.name == "max_headers" else s for s in SETTINGS)
+    monkeypatch.setattr(settings, "SETTINGS", patched)
+    from_cli = config_from(loaded(REQUIRED, {}))
+    direct = Config(listen=parse_listen("inet:127.0.0.1:1"), upstream="p:1")
+    assert differences(from_cli, direct) == ["max_headers"]
+
+
+@pytest.mark.parametrize(
+    ("field", "flag"),
+    [
+        ("max_headers", "--max-headers"),
+        ("max_header_buffer", "--max-header-buffer"),
+        ("max_recipients", "--max-recipients"),
+        ("max_recipient_buffer", "--max-recipient-buffer"),
+    ],
+)
+@pytest.mark.parametrize("value", [0, -1])
+def test_message_limits_must_be_positive(field: str, flag: str, value: int) -> None:
+    listen = parse_listen("inet:127.0.0.1:1")
+    limit: dict[str, Any] = {field: value}
+    with pytest.raises(ConfigError, match=f"^{flag}: {value} must be greater than 0"):
+        Config(listen=listen, upstream="p:1", **limit)
+    env = BY_NAME[field].env
+    with pytest.raises(ConfigError, match=f"^{env}: {value} must be greater than 0"):
+        config_from(loaded(REQUIRED, {env: str(value)}))
+
+
+def test_recipient_limits_default_like_the_header_limits() -> None:
+    config = Config(listen=parse_listen("inet:127.0.0.1:1"), upstream="p:1")
+    assert config.max_recipients == 1000
+    assert config.max_recipient_buffer == 1 << 20
 
 
 def test_the_documented_toml_example_uses_only_known_settings() -> None:

@@ -19,21 +19,11 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from milter_bridge import __version__, logs, probe
-from milter_bridge.config import (
-    Config,
-    ConfigError,
-    default_deadlines,
-    default_failure_actions,
-    parse_deadlines,
-    parse_failure_actions,
-    parse_listen,
-    warnings_for,
-)
+from milter_bridge.config import Config, ConfigError, warnings_for
 from milter_bridge.embedded import EMBEDDED, embedded_policy
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
 from milter_bridge.server.bridge import StartError, serve
-from milter_bridge.session import FailureAction
 from milter_bridge.session.negotiation import NO_FLAG, negotiate
 from milter_bridge.session.plan import InvalidCapabilitiesError, Mode, Plan, Stage
 from milter_bridge.settings import SETTINGS, Loaded, load
@@ -98,17 +88,16 @@ def _parser() -> argparse.ArgumentParser:
         help="settings from a TOML file (env MILTER_BRIDGE_CONFIG)",
     )
     for setting in SETTINGS:
-        options: dict[str, object] = {
-            "metavar": setting.metavar,
-            "help": f"{setting.help} [{setting.env}]",
-        }
-        if setting.kind is list:
-            options["action"] = "append"
-        else:
-            options["type"] = setting.kind
-        if setting.choices:
-            options["choices"] = setting.choices
-        add(setting.flag, dest=setting.name, default=None, **options)  # type: ignore[arg-type]
+        default = setting.shown_default
+        shown = "" if default is None else f" (default: {default})"
+        add(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            metavar=setting.metavar,
+            action="append" if setting.repeatable else "store",
+            help=f"{setting.help}{shown} [{setting.env}]".replace("%", "%%"),
+        )
     add(
         "--explain",
         metavar="CAPABILITIES.json",
@@ -129,59 +118,7 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str] | None = Non
 
 def config_from(loaded: Loaded) -> Config:
     """Raises ConfigError naming the setting as the user gave it (flag, variable or file)."""
-    try:
-        return _build(loaded.values)
-    except ConfigError as exc:
-        message = str(exc)
-        for setting in SETTINGS:  # name the source the value came from
-            if message.startswith((setting.flag + ":", setting.flag + " ")):
-                message = loaded.label(setting.name) + message[len(setting.flag) :]
-                break
-        raise ConfigError(message) from None
-
-
-def _build(v: dict[str, object]) -> Config:
-    if not v["listen"]:
-        msg = "--listen: required, e.g. inet:127.0.0.1:8890 or unix:/run/milter-bridge.sock"
-        raise ConfigError(msg)
-    mode = None
-    if v["socket_mode"] is not None:
-        try:
-            mode = int(str(v["socket_mode"]), 8)
-        except ValueError:
-            msg = f"--socket-mode: {v['socket_mode']!r} is not an octal mode like 660"
-            raise ConfigError(msg) from None
-    deadlines: dict[Stage, float] = default_deadlines()
-    deadlines.update(parse_deadlines(list(v["deadline"])))  # type: ignore[call-overload]
-    actions: dict[Stage, FailureAction] = default_failure_actions()
-    actions.update(parse_failure_actions(list(v["failure_action"])))  # type: ignore[call-overload]
-    return Config(
-        listen=parse_listen(str(v["listen"])),
-        upstream=str(v["upstream"] or ""),
-        socket_mode=mode,
-        socket_group=v["socket_group"],  # type: ignore[arg-type]
-        max_connections=v["max_connections"],  # type: ignore[arg-type]
-        deadlines=deadlines,
-        failure_actions=actions,
-        describe_wait=v["describe_wait"],  # type: ignore[arg-type]
-        describe_refresh=v["describe_refresh"],  # type: ignore[arg-type]
-        progress_interval=v["progress_interval"],  # type: ignore[arg-type]
-        grace_period=v["grace_period"],  # type: ignore[arg-type]
-        max_packet_size=v["max_packet_size"],  # type: ignore[arg-type]
-        max_body_buffer=v["max_body_buffer"],  # type: ignore[arg-type]
-        max_header_buffer=v["max_header_buffer"],  # type: ignore[arg-type]
-        max_headers=v["max_headers"],  # type: ignore[arg-type]
-        mta_idle_timeout=v["mta_idle_timeout"],  # type: ignore[arg-type]
-        metrics_listen=v["metrics_listen"],  # type: ignore[arg-type]
-        log_level=str(v["log_level"]),
-        log_format=str(v["log_format"]),
-        upstream_tls=v["upstream_tls"] == "on",
-        upstream_ca=v["upstream_ca"],  # type: ignore[arg-type]
-        upstream_cert=v["upstream_cert"],  # type: ignore[arg-type]
-        upstream_key=v["upstream_key"],  # type: ignore[arg-type]
-        upstream_server_name=v["upstream_server_name"],  # type: ignore[arg-type]
-        upstream_token_file=v["upstream_token_file"],  # type: ignore[arg-type]
-    )
+    return loaded.config()
 
 
 def check_config(argv: list[str]) -> int:
@@ -194,8 +131,8 @@ def check_config(argv: list[str]) -> int:
         print(f"milter-bridge: {exc}", file=sys.stderr)
         return 2
     for setting in SETTINGS:
-        source = loaded.sources[setting.name]
-        print(f"{setting.name} = {loaded.values[setting.name]!r}  ({source})")
+        shown = setting.show(getattr(config, setting.field))
+        print(f"{setting.name} = {shown!r}  ({loaded.sources[setting.name]})")
     for warning in warnings_for(config):
         print(f"warning: {warning}")
     print("configuration is valid")
@@ -243,9 +180,12 @@ def _run(config: Config) -> None:
     try:
         import uvloop  # type: ignore[import-not-found]  # noqa: PLC0415 - optional speed-up
     except ImportError:
-        asyncio.run(serve(config))
+        run = asyncio.run
     else:
-        uvloop.run(serve(config))
+        run = uvloop.run
+    # Outside the except block: every exception raised in the loop would
+    # otherwise carry the ImportError as its context (and show it in tracebacks).
+    run(serve(config))
 
 
 if __name__ == "__main__":

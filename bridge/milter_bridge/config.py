@@ -1,5 +1,11 @@
 """One Config object holding every setting, validated once, with errors that name the setting.
 
+Each field declares its setting (``options.option``): type, default, parser,
+check, metavar and help; the command line, the MILTER_BRIDGE_* environment and
+the TOML file (``settings.py``) fill exactly these fields, and whatever they
+leave out keeps the field's default, so ``Config(listen=..., upstream=...)``
+and the program agree.
+
 Defaults and why:
 
 - Deadlines for the policy's answer stay below what the MTAs allow: Sendmail's
@@ -13,15 +19,38 @@ Defaults and why:
 
 from __future__ import annotations
 
-import grp
-import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import TypeVar
 
+from milter_bridge.options import (
+    PEM_CERTIFICATE,
+    PEM_KEY,
+    check_all,
+    existing_group,
+    host_and_port,
+    host_port,
+    items,
+    member,
+    nonempty_file,
+    number,
+    octal,
+    on_off,
+    one_of,
+    option,
+    pem_file,
+    permission_mode,
+    positive,
+    seconds_or_zero,
+    settings_class,
+    show_octal,
+    show_on_off,
+    text,
+    whole,
+)
 from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
 from milter_bridge.session import FailureAction, Stage
 from milter_bridge.session.machine import (
@@ -34,8 +63,13 @@ from milter_bridge.session.machine import (
 STAGES: dict[str, Stage] = {s.value: s for s in Stage if s is not Stage.ABORT}
 DEFAULT_DEADLINE = 8.0
 DEFAULT_EOM_DEADLINE = 120.0
+# Until session/machine.py defines them (its recipient limits follow these).
+DEFAULT_MAX_RECIPIENTS = 1000
+DEFAULT_MAX_RECIPIENT_BUFFER = 1 << 20
 SENDMAIL_READ_TIMEOUT = 10.0  # INPUT_MAIL_FILTER T=R: default
 MTA_EOM_LIMIT = 300.0  # Sendmail T=E:5m; Postfix milter_content_timeout
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("plain", "json")
 _T = TypeVar("_T")
 
 
@@ -99,139 +133,6 @@ def default_failure_actions() -> dict[Stage, FailureAction]:
     return dict.fromkeys(STAGES.values(), FailureAction.TEMPFAIL)
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    """Every setting of one bridge process."""
-
-    listen: Listen
-    upstream: str
-    socket_mode: int | None = None
-    socket_group: str | None = None
-    max_connections: int = 1000
-    deadlines: Mapping[Stage, float] = field(default_factory=default_deadlines)
-    failure_actions: Mapping[Stage, FailureAction] = field(default_factory=default_failure_actions)
-    # How long an MTA's option negotiation may wait for capabilities not yet fetched.
-    describe_wait: float = 2.0
-    describe_refresh: float = 30.0
-    progress_interval: float = 5.0
-    grace_period: float = 30.0
-    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
-    max_body_buffer: int = DEFAULT_MAX_BODY_BUFFER
-    max_header_buffer: int = DEFAULT_MAX_HEADER_BUFFER
-    max_headers: int = DEFAULT_MAX_HEADERS
-    # libmilter's default: an MTA that sends nothing for this long is gone.
-    mta_idle_timeout: float = 7210.0
-    # HOST:PORT of the HTTP endpoint for metrics and health; None: off.
-    metrics_listen: str | None = None
-    log_level: str = "info"
-    log_format: str = "plain"  # or "json"
-    # TLS to the policy: on with system roots, or with this CA; a client
-    # certificate and key for mutual TLS; the name its certificate must carry.
-    upstream_tls: bool = False
-    upstream_ca: str | None = None
-    upstream_cert: str | None = None
-    upstream_key: str | None = None
-    upstream_server_name: str | None = None
-    # A file holding a token sent as "authorization: Bearer <token>" on every call.
-    upstream_token_file: str | None = None
-
-    @property
-    def metrics_address(self) -> tuple[str, int] | None:
-        """(host, port) of --metrics-listen; port -1 when it is not a number."""
-        if self.metrics_listen is None:
-            return None
-        host, _, port = self.metrics_listen.rpartition(":")
-        return host.strip("[]"), int(port) if port.isdigit() else -1
-
-    @property
-    def tls(self) -> bool:
-        return self.upstream_tls or self.upstream_ca is not None or self.upstream_cert is not None
-
-    def __post_init__(self) -> None:
-        _positive("--max-connections", self.max_connections)
-        for name in ("describe_wait", "describe_refresh", "progress_interval", "mta_idle_timeout"):
-            _positive(f"--{name.replace('_', '-')}", getattr(self, name))
-        if not 0 <= self.grace_period < math.inf:
-            msg = f"--grace-period: {self.grace_period} is not a number of seconds"
-            raise ConfigError(msg)
-        if self.progress_interval >= SENDMAIL_READ_TIMEOUT:
-            msg = (
-                f"--progress-interval: {self.progress_interval:g}s is too long: Sendmail gives up"
-                f" on a milter silent for {SENDMAIL_READ_TIMEOUT:g}s (T=R:10s)"
-            )
-            raise ConfigError(msg)
-        if self.socket_group is not None:
-            try:
-                grp.getgrnam(self.socket_group)
-            except KeyError:
-                msg = f"--socket-group: no group named {self.socket_group!r}"
-                raise ConfigError(msg) from None
-        _positive("--max-packet-size", self.max_packet_size)
-        _positive("--max-body-buffer", self.max_body_buffer)
-        _positive("--max-header-buffer", self.max_header_buffer)
-        _positive("--max-headers", self.max_headers)
-        for stage, seconds in self.deadlines.items():
-            _positive(f"--deadline {stage.value}", seconds)
-        if not self.upstream:
-            msg = "--upstream: a gRPC target is required, e.g. policy:50051 or dns:///policy:50051"
-            raise ConfigError(msg)
-        if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
-            msg = f"--socket-mode: {self.socket_mode:o} is not a permission mode"
-            raise ConfigError(msg)
-        if self.metrics_listen is not None:
-            host, port = self.metrics_address or ("", -1)
-            if not host or not 0 <= port <= 65535:
-                msg = f"--metrics-listen: {self.metrics_listen!r} is not HOST:PORT"
-                raise ConfigError(msg)
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            msg = f"--log-level: {self.log_level!r} is not debug, info, warning or error"
-            raise ConfigError(msg)
-        if self.log_format not in ("plain", "json"):
-            msg = f"--log-format: {self.log_format!r} is not plain or json"
-            raise ConfigError(msg)
-        self._check_upstream_security()
-
-    def _check_upstream_security(self) -> None:
-        if (self.upstream_cert is None) != (self.upstream_key is None):
-            given, missing = (
-                ("--upstream-cert", "--upstream-key")
-                if self.upstream_key is None
-                else ("--upstream-key", "--upstream-cert")
-            )
-            msg = f"{given}: mutual TLS needs {missing} too"
-            raise ConfigError(msg)
-        if self.upstream_server_name is not None and not self.tls:
-            msg = "--upstream-server-name: only with TLS (--upstream-tls on or --upstream-ca)"
-            raise ConfigError(msg)
-        _pem("--upstream-ca", self.upstream_ca, "certificate", _PEM_CERTIFICATE)
-        _pem("--upstream-cert", self.upstream_cert, "certificate", _PEM_CERTIFICATE)
-        _pem("--upstream-key", self.upstream_key, "private key", _PEM_KEY)
-        token = self.upstream_token_file
-        if token is not None and not _read("--upstream-token-file", token).strip():
-            msg = f"--upstream-token-file: {token} is empty"
-            raise ConfigError(msg)
-
-
-def _positive(name: str, value: float) -> None:
-    if not 0 < value < math.inf:
-        msg = f"{name}: {value} must be greater than 0 and finite"
-        raise ConfigError(msg)
-
-
-def warnings_for(config: Config) -> list[str]:
-    """Settings that work but exceed what MTAs allow by default (logged at start)."""
-    out = []
-    for stage, seconds in config.deadlines.items():
-        limit = MTA_EOM_LIMIT if stage is Stage.EOM else SENDMAIL_READ_TIMEOUT
-        if seconds >= limit:
-            out.append(
-                f"--deadline {stage.value}={seconds:g}: the MTA may give up first (Sendmail's"
-                f" defaults: 10 s per read, 5 min from end of message; Postfix: 30 s per"
-                f" command, 300 s per read)"
-            )
-    return out
-
-
 def _staged(
     flag: str, values: list[str], convert: Callable[[str], _T], kinds: str
 ) -> dict[Stage, _T]:
@@ -266,20 +167,299 @@ def parse_failure_actions(values: list[str]) -> dict[Stage, FailureAction]:
     return _staged("--failure-action", values, convert, "tempfail, reject, accept or continue")
 
 
-def _read(flag: str, path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError as exc:
-        msg = f"{flag}: cannot read {path}: {exc.strerror or exc}"
-        raise ConfigError(msg) from None
+# Parsers of what users write, and checks of values, for the settings below.
 
 
-_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE")
-_PEM_KEY = re.compile(r"-----BEGIN (?:RSA |EC )?PRIVATE KEY")  # PKCS#8, PKCS#1 or SEC 1
+def _listen(raw: object) -> Listen:
+    spec = text(raw)
+    if not spec:
+        msg = "required, e.g. inet:127.0.0.1:8890 or unix:/run/milter-bridge.sock"
+        raise ValueError(msg)
+    return parse_listen(spec)
 
 
-def _pem(flag: str, path: str | None, kind: str, marker: re.Pattern[str]) -> None:
-    """Checked at start, so that a wrong file stops the bridge instead of failing every call."""
-    if path is not None and not marker.search(_read(flag, path)):
-        msg = f"{flag}: {path} holds no PEM {kind}"
-        raise ConfigError(msg)
+def _deadlines(raw: object) -> dict[Stage, float]:
+    return default_deadlines() | parse_deadlines(items(raw))
+
+
+def _failure_actions(raw: object) -> dict[Stage, FailureAction]:
+    return default_failure_actions() | parse_failure_actions(items(raw))
+
+
+def _show_staged(values: Mapping[Stage, object]) -> str:
+    """``8,end_of_message=120``: the most common value, then the stages that differ."""
+
+    def word(value: object) -> str:
+        if isinstance(value, Enum):
+            return value.name.lower()
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    if not values:
+        return ""
+    common = Counter(values.values()).most_common(1)[0][0]
+    rest = [f"{stage.value}={word(v)}" for stage, v in values.items() if v != common]
+    return ",".join([word(common), *rest])
+
+
+def _target(value: str) -> str | None:
+    return None if value else "a gRPC target is required, e.g. policy:50051 or dns:///policy:50051"
+
+
+def _progress(seconds: float) -> str | None:
+    if seconds >= SENDMAIL_READ_TIMEOUT:
+        return (
+            f"{seconds:g}s is too long: Sendmail gives up on a milter silent for"
+            f" {SENDMAIL_READ_TIMEOUT:g}s (T=R:10s)"
+        )
+    return positive(seconds)
+
+
+_SECONDS = "SECONDS"
+_STAGE_NAMES = ", ".join(STAGES)
+
+
+@settings_class
+class Config:
+    """Every setting of one bridge process; docs/configuration.md is their reference."""
+
+    listen: Listen = option(
+        parse=_listen,
+        show=str,
+        metavar="SPEC",
+        help="where MTAs connect: inet:HOST:PORT, inet6:[ADDR]:PORT or unix:/PATH (required)",
+    )
+    upstream: str = option(
+        parse=text,
+        check=_target,
+        metavar="TARGET",
+        help="the policy service: host:port, dns:///name:port, ipv4:A:P,A:P or unix:/path,"
+        " round_robin over the addresses; 'embedded' runs the bundled demo policy (required)",
+    )
+    socket_mode: int | None = option(
+        default=None,
+        parse=octal,
+        check=permission_mode,
+        show=show_octal,
+        metavar="OCTAL",
+        help="permissions of a unix listen socket, e.g. 660",
+    )
+    socket_group: str | None = option(
+        default=None,
+        parse=text,
+        check=existing_group,
+        metavar="GROUP",
+        help="group of a unix listen socket, e.g. postfix",
+    )
+    max_connections: int = option(
+        default=1000,
+        parse=whole,
+        check=positive,
+        metavar="N",
+        help="MTA connections at once; more are closed with a log line",
+    )
+    deadlines: Mapping[Stage, float] = option(
+        name="deadline",
+        default_factory=default_deadlines,
+        parse=_deadlines,
+        show=_show_staged,
+        repeatable=True,
+        metavar="[STAGE=]SECONDS",
+        help=f"how long the policy may take to answer; stages: {_STAGE_NAMES}",
+    )
+    failure_actions: Mapping[Stage, FailureAction] = option(
+        name="failure_action",
+        default_factory=default_failure_actions,
+        parse=_failure_actions,
+        show=_show_staged,
+        repeatable=True,
+        metavar="[STAGE=]ACTION",
+        help="the answer when the policy cannot give one: tempfail, reject, accept or continue",
+    )
+    describe_wait: float = option(
+        default=2.0,
+        parse=number,
+        check=positive,
+        metavar=_SECONDS,
+        help="how long an MTA's negotiation waits for capabilities not yet fetched",
+    )
+    describe_refresh: float = option(
+        default=30.0,
+        parse=number,
+        check=positive,
+        metavar=_SECONDS,
+        help="how often the policy's capabilities are fetched again",
+    )
+    progress_interval: float = option(
+        default=5.0,
+        parse=number,
+        check=_progress,
+        metavar=_SECONDS,
+        help="SMFIR_PROGRESS while the policy works on end of message (below Sendmail's 10 s)",
+    )
+    grace_period: float = option(
+        default=30.0,
+        parse=number,
+        check=seconds_or_zero,
+        metavar=_SECONDS,
+        help="how long connections may finish after SIGTERM",
+    )
+    max_packet_size: int = option(
+        default=DEFAULT_MAX_PACKET_SIZE,
+        parse=whole,
+        check=positive,
+        metavar="BYTES",
+        help="the largest milter packet accepted from the MTA",
+    )
+    max_body_buffer: int = option(
+        default=DEFAULT_MAX_BODY_BUFFER,
+        parse=whole,
+        check=positive,
+        metavar="BYTES",
+        help="most body bytes held for a policy that buffers the body",
+    )
+    max_header_buffer: int = option(
+        default=DEFAULT_MAX_HEADER_BUFFER,
+        parse=whole,
+        check=positive,
+        metavar="BYTES",
+        help="most header bytes held for the policy per message",
+    )
+    max_headers: int = option(
+        default=DEFAULT_MAX_HEADERS,
+        parse=whole,
+        check=positive,
+        metavar="COUNT",
+        help="most headers held for the policy per message; beyond, headers_truncated",
+    )
+    max_recipient_buffer: int = option(
+        default=DEFAULT_MAX_RECIPIENT_BUFFER,
+        parse=whole,
+        check=positive,
+        metavar="BYTES",
+        help="most recipient bytes held for the policy per message",
+    )
+    max_recipients: int = option(
+        default=DEFAULT_MAX_RECIPIENTS,
+        parse=whole,
+        check=positive,
+        metavar="COUNT",
+        help="most recipients held for the policy per message; beyond, recipients_truncated",
+    )
+    mta_idle_timeout: float = option(
+        default=7210.0,
+        parse=number,
+        check=positive,
+        metavar=_SECONDS,
+        help="close an MTA connection silent for this long (libmilter's default)",
+    )
+    metrics_listen: str | None = option(
+        default=None,
+        parse=text,
+        check=host_and_port,
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz over HTTP here; off when unset",
+    )
+    log_format: str = option(
+        default="plain",
+        parse=one_of(*LOG_FORMATS),
+        check=member(LOG_FORMATS),
+        metavar="FORMAT",
+        help="plain lines, or json: one object per line with conn, qid, stage, verdict, latency_ms",
+    )
+    log_level: str = option(
+        default="info",
+        parse=one_of(*LOG_LEVELS),
+        check=member(LOG_LEVELS),
+        metavar="LEVEL",
+        help="debug, info, warning or error",
+    )
+    upstream_tls: bool = option(
+        default=False,
+        parse=on_off,
+        show=show_on_off,
+        metavar="on|off",
+        help="TLS to the policy, trusting the system's CAs;"
+        " --upstream-ca or --upstream-cert turn it on too",
+    )
+    upstream_ca: str | None = option(
+        default=None,
+        parse=text,
+        check=pem_file("certificate", PEM_CERTIFICATE),
+        metavar="FILE",
+        help="PEM CA certificates the policy's certificate must chain to",
+    )
+    upstream_cert: str | None = option(
+        default=None,
+        parse=text,
+        check=pem_file("certificate", PEM_CERTIFICATE),
+        metavar="FILE",
+        help="PEM client certificate for mutual TLS (with --upstream-key)",
+    )
+    upstream_key: str | None = option(
+        default=None,
+        parse=text,
+        check=pem_file("private key", PEM_KEY),
+        metavar="FILE",
+        help="PEM private key of --upstream-cert",
+    )
+    upstream_server_name: str | None = option(
+        default=None,
+        parse=text,
+        metavar="NAME",
+        help="the name the policy's certificate must carry, when not the target's host",
+    )
+    upstream_token_file: str | None = option(
+        default=None,
+        parse=text,
+        check=nonempty_file,
+        metavar="FILE",
+        help="a token sent as 'authorization: Bearer TOKEN' on every call;"
+        " read again when it changes",
+    )
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of --metrics-listen; port -1 when it is not a number."""
+        return None if self.metrics_listen is None else host_port(self.metrics_listen)
+
+    @property
+    def tls(self) -> bool:
+        return self.upstream_tls or self.upstream_ca is not None or self.upstream_cert is not None
+
+    def __post_init__(self) -> None:
+        """Settings that depend on each other first, then each setting's own check."""
+        for stage, seconds in self.deadlines.items():
+            problem = positive(seconds)
+            if problem is not None:
+                msg = f"--deadline {stage.value}: {problem}"
+                raise ConfigError(msg)
+        if (self.upstream_cert is None) != (self.upstream_key is None):
+            given, missing = (
+                ("--upstream-cert", "--upstream-key")
+                if self.upstream_key is None
+                else ("--upstream-key", "--upstream-cert")
+            )
+            msg = f"{given}: mutual TLS needs {missing} too"
+            raise ConfigError(msg)
+        if self.upstream_server_name is not None and not self.tls:
+            msg = "--upstream-server-name: only with TLS (--upstream-tls on or --upstream-ca)"
+            raise ConfigError(msg)
+        failed = check_all(self)
+        if failed is not None:
+            setting, problem = failed
+            msg = f"{setting.flag}: {problem}"
+            raise ConfigError(msg)
+
+
+def warnings_for(config: Config) -> list[str]:
+    """Settings that work but exceed what MTAs allow by default (logged at start)."""
+    out = []
+    for stage, seconds in config.deadlines.items():
+        limit = MTA_EOM_LIMIT if stage is Stage.EOM else SENDMAIL_READ_TIMEOUT
+        if seconds >= limit:
+            out.append(
+                f"--deadline {stage.value}={seconds:g}: the MTA may give up first (Sendmail's"
+                f" defaults: 10 s per read, 5 min from end of message; Postfix: 30 s per"
+                f" command, 300 s per read)"
+            )
+    return out

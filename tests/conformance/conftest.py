@@ -7,6 +7,8 @@ MTA with a real SMTP client; the sink shows what the MTA delivered.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -92,6 +94,30 @@ async def world() -> AsyncIterator[World]:
         await server.stop()
         await sink.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def _describe(world: World, capabilities: pb.Capabilities) -> None:
+    world.policy.capabilities = capabilities
+    world.bridge.capabilities.refresh_now()
+    async with asyncio.timeout(10):  # waits for the bridge to have them, not for time to pass
+        while (plan := world.bridge.capabilities.current) is None or (
+            plan.capabilities != capabilities
+        ):
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def described(world: World, capabilities: pb.Capabilities) -> AsyncIterator[None]:
+    """SMTP sessions started inside the block are negotiated with these capabilities.
+
+    Both MTAs open a new milter connection, and so negotiate anew, for every SMTP
+    session; afterwards the world's own CAPABILITIES are back in the bridge.
+    """
+    await _describe(world, capabilities)
+    try:
+        yield
+    finally:
+        await _describe(world, CAPABILITIES)
 
 
 MTAS = ["postfix", "sendmail"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from milter_bridge.v1 import policy_pb2 as pb
-from tests.conformance.conftest import World
+from tests.conformance.conftest import CAPABILITIES, World, described
 from tests.conformance.mods import HEADERS, M, at_end, modified
 from tests.conformance.smtp import Message, send
 
@@ -110,7 +110,8 @@ MACROS = {
 QUEUE_ID_FROM = {"postfix": "data", "sendmail": "mail_from"}
 
 
-async def test_macros_arrive_at_their_stage(fresh: World, mta_name: str) -> None:
+async def macros_by_stage(world: World, mta_name: str) -> dict[str, dict[str, str]]:
+    """One message through the MTA; the macros the policy got with the first event of each kind."""
     by_stage: dict[str, dict[str, str]] = {}
 
     async def record(request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
@@ -121,9 +122,14 @@ async def test_macros_arrive_at_their_stage(fresh: World, mta_name: str) -> None
             )
         ]
 
-    fresh.policy.decide = record
-    assert (await send(fresh.mtas[mta_name].port, Message())).accepted
-    await fresh.sink.next()
+    world.policy.decide = record
+    assert (await send(world.mtas[mta_name].port, Message())).accepted
+    await world.sink.next()
+    return by_stage
+
+
+async def test_macros_arrive_at_their_stage(fresh: World, mta_name: str) -> None:
+    by_stage = await macros_by_stage(fresh, mta_name)
     for stage, names in MACROS.items():
         assert names <= by_stage[stage].keys(), (stage, by_stage[stage])
     assert by_stage["connect"]["client_addr"] == "127.0.0.1"
@@ -133,3 +139,41 @@ async def test_macros_arrive_at_their_stage(fresh: World, mta_name: str) -> None
     assert by_stage[QUEUE_ID_FROM[mta_name]]["i"] == queue_id
     if mta_name == "postfix":
         assert "i" not in by_stage["rcpt_to"]  # the first recipient: no queue id yet
+
+
+def macros_only(**stages: list[str]) -> pb.Capabilities:
+    """The world's capabilities, but asking for macros at these stages only."""
+    capabilities = pb.Capabilities()
+    capabilities.CopyFrom(CAPABILITIES)
+    capabilities.macros.CopyFrom(pb.MacroRequest(**stages))
+    return capabilities
+
+
+async def test_end_of_message_macros_alone_arrive_at_end_of_message(
+    fresh: World, mta_name: str
+) -> None:
+    # docs/policy-api.md's own example. Sendmail uses a milter's end-of-message list
+    # only when it also got an end-of-headers list from it; alone, the policy got
+    # Sendmail's Milter.macros.eom ({msg_id}) instead.
+    async with described(fresh, macros_only(end_of_message=["i", "j", "{msg_id}"])):
+        by_stage = await macros_by_stage(fresh, mta_name)
+    eom = by_stage["end_of_message"]
+    assert {"i", "j"} <= eom.keys(), eom
+    if mta_name == "sendmail":  # Postfix does not define {msg_id}
+        assert eom["msg_id"].startswith("<"), eom
+
+
+# The end-of-message list the bridge sends along with a policy's end-of-headers
+# one is Sendmail's default, {msg_id}, which Postfix does not define.
+EOM_WITH_EOH_ONLY = {"sendmail": {"msg_id"}, "postfix": set()}
+
+
+async def test_end_of_headers_macros_alone_arrive_at_end_of_headers(
+    fresh: World, mta_name: str
+) -> None:
+    async with described(fresh, macros_only(end_of_headers=["i", "j"])):
+        by_stage = await macros_by_stage(fresh, mta_name)
+    eoh = by_stage["end_of_headers"]
+    assert {"i", "j"} <= eoh.keys(), eoh
+    # Without the end-of-message list Sendmail would use this milter's own, unset one.
+    assert set(by_stage["end_of_message"]) == EOM_WITH_EOH_ONLY[mta_name], by_stage

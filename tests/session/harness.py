@@ -12,6 +12,7 @@ from milter_bridge.session import (
     FailureAction,
     Output,
     Plan,
+    ProgressToMta,
     SendToMta,
     SendToPolicy,
     Session,
@@ -73,10 +74,12 @@ class Mta:
         decoder = ReplyDecoder()
         replies: list[MilterReply] = []
         for o in outputs:
-            if isinstance(o, SendToMta):
+            if isinstance(o, SendToMta | ProgressToMta):
                 replies += decoder.feed(o.data)
             elif isinstance(o, SendToPolicy):
-                self.to_policy.append(o.request)
+                # As the connection: nothing for a stream that failed meanwhile.
+                if o.stream != self.session.failed_stream:
+                    self.to_policy.append(o.request)
             elif isinstance(o, EndPolicyStream):
                 self.stream_ends += 1
         assert decoder.frames.buffered == 0
@@ -90,7 +93,7 @@ class Mta:
         """Feed one command; the writes to the MTA it caused, undecoded (none for NR events)."""
         outputs = self.session.feed(encode_all([command]))
         self._collect(outputs)
-        return [o.data for o in outputs if isinstance(o, SendToMta)]
+        return [o.data for o in outputs if isinstance(o, SendToMta | ProgressToMta)]
 
     def answer(self, response: pb.ProcessResponse) -> list[MilterReply]:
         return self._collect(self.session.answer(response))
@@ -101,7 +104,9 @@ class Mta:
             verdict.reply.CopyFrom(pb.SmtpReply(**reply))  # type: ignore[arg-type]
         return self.answer(pb.ProcessResponse(sequence=self.pending_sequence(), verdict=verdict))
 
-    def fail(self, action: FailureAction) -> list[MilterReply]:
+    def fail(self, action: FailureAction, cause: str = "timeout") -> list[MilterReply]:
+        """What the connection does when the policy fails: tell the session, then answer."""
+        self.session.policy_failed(self.session.stream, "the policy failed", cause)
         return self._collect(self.session.fail(action))
 
     def pending_sequence(self) -> int:

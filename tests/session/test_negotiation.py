@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from milter_bridge.protocol import MalformedPacket
+from milter_bridge.protocol import MalformedPacket, ReplyDecoder
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import ActionFlag, MacroStage, ProtocolFlag
@@ -96,7 +98,56 @@ def test_macro_lists_with_and_without_braces() -> None:
         (MacroStage.SMFIM_CONNECT, b"j {daemon_name}"),
         (MacroStage.SMFIM_ENVRCPT, b"{rcpt_addr}"),
         (MacroStage.SMFIM_EOM, b"i"),
+        (MacroStage.SMFIM_EOH, b""),  # Sendmail's default, sent so that it uses the EOM list
     )
+
+
+def optneg_bytes(caps: pb.Capabilities) -> bytes:
+    """The one packet a Session writes for Postfix's / Sendmail's OPTNEG, undecoded."""
+    (packet,) = Mta(caps, offer=None).writes(OFFER_V6)
+    return packet
+
+
+def symlist(stage: MacroStage, names: bytes) -> bytes:
+    return struct.pack(">I", stage) + names + b"\0"
+
+
+def test_end_of_message_macros_alone_go_with_sendmails_end_of_headers_default() -> None:
+    # Sendmail uses a milter's EOM list only when it also sent an EOH list.
+    caps = capabilities(
+        end_of_message=DECIDE, macros=pb.MacroRequest(end_of_message=["i", "{msg_id}"])
+    )
+    packet = optneg_bytes(caps)
+    (reply,) = ReplyDecoder().feed(packet)
+    assert isinstance(reply, r.OptionNegotiationReply)
+    assert reply.actions & ActionFlag.SMFIF_SETSYMLIST
+    lists = symlist(MacroStage.SMFIM_EOM, b"i {msg_id}") + symlist(MacroStage.SMFIM_EOH, b"")
+    # length, 'O', version, actions, protocol, then the lists (EOM = 5 before EOH = 6)
+    assert (
+        packet
+        == struct.pack(">IcIII", 13 + len(lists), b"O", 6, reply.actions, reply.protocol) + lists
+    )
+
+
+def test_end_of_headers_macros_alone_go_with_sendmails_end_of_message_default() -> None:
+    caps = capabilities(end_of_headers=DECIDE, macros=pb.MacroRequest(end_of_headers=["i", "j"]))
+    packet = optneg_bytes(caps)
+    lists = symlist(MacroStage.SMFIM_EOM, b"{msg_id}") + symlist(MacroStage.SMFIM_EOH, b"i j")
+    assert packet.endswith(lists)
+    (reply,) = ReplyDecoder().feed(packet)
+    assert isinstance(reply, r.OptionNegotiationReply)
+    assert reply.macros == ((MacroStage.SMFIM_EOM, b"{msg_id}"), (MacroStage.SMFIM_EOH, b"i j"))
+
+
+def test_both_message_stages_named_are_sent_as_named() -> None:
+    macros = pb.MacroRequest(end_of_headers=["{eoh_x}"], end_of_message=["i"])
+    reply = reply_to(capabilities(end_of_message=DECIDE, macros=macros))
+    assert reply.macros == ((MacroStage.SMFIM_EOM, b"i"), (MacroStage.SMFIM_EOH, b"{eoh_x}"))
+
+
+def test_lists_without_a_message_stage_add_no_end_of_headers_or_message_list() -> None:
+    reply = reply_to(capabilities(connect=DECIDE, macros=pb.MacroRequest(connect=["j"])))
+    assert reply.macros == ((MacroStage.SMFIM_CONNECT, b"j"),)
 
 
 def test_macro_lists_only_when_the_mta_offers_setsymlist() -> None:

@@ -26,7 +26,7 @@ from milter_bridge.config import Config, ListenKind
 from milter_bridge.metrics import HttpEndpoint, Metrics
 from milter_bridge.server.connection import MtaConnection
 from milter_bridge.upstream.capabilities import CapabilitiesCache
-from milter_bridge.upstream.channel import make_channel, make_stub
+from milter_bridge.upstream.channel import make_channel, make_stub, process_method
 from milter_bridge.upstream.security import BearerToken, Metadata, load_tls, no_metadata
 
 log = logging.getLogger("milter_bridge")
@@ -66,6 +66,7 @@ class Bridge:
             self.metadata = BearerToken(c.upstream_token_file).metadata
         self.channel = make_channel(c.upstream, tls)
         self.stub = make_stub(self.channel)
+        self.process = process_method(self.channel)
         health = health_pb2_grpc.HealthStub(self.channel)
         self.capabilities = CapabilitiesCache(self.stub, c.describe_refresh, health, self.metadata)
         self.capabilities.start()
@@ -158,7 +159,7 @@ class Bridge:
                 writer,
                 self.config,
                 self.capabilities,
-                self.stub,
+                self.process,
                 self.metrics,
                 self.metadata,
             )

@@ -3,8 +3,15 @@
 The session decides everything; this module only moves bytes and messages,
 keeps time, and applies the failure action when the policy cannot answer:
 unreachable, slower than the stage's deadline, a broken or refused stream,
-or an answer the session refuses. After a failure the stream is cancelled;
-the next event that must be sent opens a new one (it starts mid-session).
+or an answer the session refuses. After a failure the stream is cancelled
+and the session told (``policy_failed``): it sends nothing more of that
+message, and its next message opens a new stream (it starts mid-session).
+
+Each stage's deadline counts from when the MTA's command was read, and
+bounds opening the stream, handing the event over and the answer. While end
+of message waits, the MTA gets SMFIR_PROGRESS every ``progress_interval``
+seconds, also while the request is still being written; a policy's own
+progress is forwarded at most once a second.
 
 All replies to one read from the MTA go out in one write: libmilter's two
 writes at end of message cost ~40 ms a message through Nagle and delayed ACK.
@@ -16,30 +23,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import grpc
 
-from milter_bridge.config import STAGES, Config
+from milter_bridge.config import Config
 from milter_bridge.metrics import Metrics
 from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification, ProtocolError
 from milter_bridge.session import (
     EndPolicyStream,
     Output,
     Plan,
+    ProgressToMta,
     SendToMta,
     SendToPolicy,
     Session,
     Stage,
 )
 from milter_bridge.upstream.capabilities import CapabilitiesCache
+from milter_bridge.upstream.channel import ProcessMethod
 from milter_bridge.upstream.security import Metadata, no_metadata
 from milter_bridge.upstream.stream import CLOSE_TIMEOUT, PolicyStream, StreamFailure
 from milter_bridge.v1 import policy_pb2 as pb
-from milter_bridge.v1 import policy_pb2_grpc
 
 READ_SIZE = 1 << 16
+# A policy's own progress reaches the MTA at most this often: one keeps it waiting.
+PROGRESS_GAP = 1.0
 # Failure causes (metrics) of streams that ended with these statuses; others: stream_error.
 _CAUSES: dict[grpc.StatusCode | None, str] = {
     grpc.StatusCode.FAILED_PRECONDITION: "refused_stream",
@@ -75,7 +86,7 @@ class MtaConnection:
         writer: asyncio.StreamWriter,
         config: Config,
         capabilities: CapabilitiesCache,
-        stub: policy_pb2_grpc.PolicyServiceAsyncStub,
+        process: ProcessMethod,
         metrics: Metrics,
         metadata: Callable[[], Metadata] = no_metadata,
     ) -> None:
@@ -88,12 +99,12 @@ class MtaConnection:
         self._writer = writer
         self._config = config
         self._capabilities = capabilities
-        self._stub = stub
+        self._process = process
         self.log = ConnectionLog(conn_id)
         self._stream: PolicyStream | None = None
-        # After a failure the policy is not tried again for the rest of that message.
-        self._broken: tuple[int, str, str] | None = None  # epoch, reason, cause
+        self._stream_id = 0  # the session's number of self._stream
         self._decision_started = 0.0
+        self._last_progress = -math.inf  # when the MTA last got SMFIR_PROGRESS
         self._closing: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
 
@@ -157,10 +168,12 @@ class MtaConnection:
         )
         self.session = self.log.session = session
         self.log.debug("connected")
+        loop = asyncio.get_running_loop()
         while data:
+            read_at = loop.time()
             if self._message_started is None:
-                self._message_started = asyncio.get_running_loop().time()
-            await self._carry_out(session.feed(data))
+                self._message_started = read_at
+            await self._carry_out(session.feed(data), read_at)
             while session.pending is not None:
                 await self._await_policy(session)
             if session.finished:
@@ -172,103 +185,107 @@ class MtaConnection:
                     "the MTA closed the connection inside a packet (%d bytes of it read)",
                     session.decoder.frames.buffered,
                 )
-            await self._carry_out(session.connection_lost())
+            await self._carry_out(session.connection_lost(), loop.time())
         self.log.debug("closed")
 
-    async def _carry_out(self, outputs: list[Output]) -> None:
+    async def _carry_out(self, outputs: list[Output], started: float) -> None:
+        """``started``: when what caused the outputs happened (stage deadlines count from it)."""
         to_mta = bytearray()
         for output in outputs:
             if isinstance(output, SendToMta):
                 to_mta += output.data
             elif isinstance(output, SendToPolicy):
-                await self._send_to_policy(output.request)
-            elif isinstance(output, EndPolicyStream) and self._stream is not None:
-                task = asyncio.create_task(self._stream.close(), name="stream-close")
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                await self._send_to_policy(output, started)
+            elif isinstance(output, ProgressToMta):
+                now = asyncio.get_running_loop().time()
+                if now - self._last_progress >= min(PROGRESS_GAP, self._config.progress_interval):
+                    self._last_progress = now
+                    self._metrics.progress_sent.inc()
+                    to_mta += output.data
+            elif isinstance(output, EndPolicyStream) and output.stream == self._stream_id:
+                if self._stream is not None:
+                    task = asyncio.create_task(self._stream.close(), name="stream-close")
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
                 self._stream = None
         if to_mta:
             self._writer.write(to_mta)
             # An MTA that stops reading would hold this connection forever.
             await asyncio.wait_for(self._writer.drain(), MTA_WRITE_TIMEOUT)
 
-    async def _send_to_policy(self, request: pb.ProcessRequest) -> None:
+    async def _send_to_policy(self, output: SendToPolicy, started: float) -> None:
         session = self.session
-        if session is None or not session.plan.available or self._broken_reason() is not None:
-            return  # no capabilities known, or the policy failed on this message
-        if self._stream is None:
+        if session is None or output.stream == session.failed_stream:
+            return  # that stream failed while these outputs were carried out
+        if output.stream != self._stream_id:
+            # The session's first request of a new stream is its `start`.
+            self._stream_id = output.stream
             self._stream = PolicyStream(
-                self._stub,
+                self._process,
                 self.log,
                 self._metrics.stream_retries.inc,
                 self._metadata,
                 lambda replica: self._metrics.replica_streams.labels(replica).inc(),
+                self._keep_mta_waiting,
+                min(PROGRESS_GAP, self._config.progress_interval),
             )
             self._metrics.streams.inc()
+        assert self._stream is not None
+        request = output.request
         kind = request.WhichOneof("event")
         if kind != "start":
             self._metrics.events_sent.labels(kind).inc()
-        stage = STAGES.get("body" if kind == "body_chunk" else str(kind), Stage.CONNECT)
-        timeout = self._config.deadlines[stage]
+        timeout = self._deadline(output.stage)
         if request.reply_expected:
-            # The stage's deadline covers handing the event over and the answer.
-            self._decision_started = asyncio.get_running_loop().time()
-        if not await self._stream.send(request, asyncio.get_running_loop().time() + timeout):
+            # The stage's deadline covers opening the stream, the event and the answer.
+            self._decision_started = started
+        if not await self._stream.send(request, started + timeout):
             reason = f"the policy took no request for {timeout:g}s"
             self.log.warning("%s: cancelling its stream", reason)
             self._drop_stream(session, reason, "timeout")
 
-    def _broken_reason(self) -> str | None:
-        return self._broken[1] if self._broken is not None and self._broken_now() else None
+    def _deadline(self, stage: Stage) -> float:
+        # ABORT is only observed: it is handed over within the connect stage's deadline.
+        return self._config.deadlines.get(stage, self._config.deadlines[Stage.CONNECT])
 
-    def _broken_now(self) -> bool:
-        return (
-            self._broken is not None
-            and self.session is not None
-            and self._broken[0] == self.session.message_epoch
-        )
+    async def _keep_mta_waiting(self) -> None:
+        """Called while the policy is waited on: SMFIR_PROGRESS when end of message is due one."""
+        session = self.session
+        if session is None or session.pending is None or session.pending.stage is not Stage.EOM:
+            return
+        due = max(self._decision_started, self._last_progress) + self._config.progress_interval
+        if asyncio.get_running_loop().time() >= due:
+            await self._carry_out(session.progress(), due)
 
     def _drop_stream(self, session: Session, reason: str, cause: str) -> None:
+        stream = 0
         if self._stream is not None:
             self._stream.cancel()
-            self._stream = None
-        session.stream_lost()
-        self._broken = (session.message_epoch, reason, cause)
+            self._stream, stream = None, self._stream_id
+        session.policy_failed(stream, reason, cause)
 
     async def _await_policy(self, session: Session) -> None:
         pending = session.pending
         assert pending is not None
-        stage = pending.stage
-        if self._stream is None:
+        failure, stream = session.policy_failure, self._stream
+        if failure is not None or stream is None:
             # Nothing was sent: no capabilities known, or the policy failed on this message.
-            if self._broken is not None and self._broken_now():
-                await self._fail(session, self._broken[1], self._broken[2])
-            else:
-                await self._fail(session, "no policy capabilities known", "unreachable")
+            reason, cause = failure or ("the policy stream is gone", "stream_error")
+            await self._fail(session, reason, cause)
             return
-        loop = asyncio.get_running_loop()
-        deadline = self._decision_started + self._config.deadlines[stage]
-        progress_every = self._config.progress_interval
-        next_progress = loop.time() + progress_every
+        deadline_s = self._config.deadlines[pending.stage]
+        deadline = self._decision_started + deadline_s
         while session.pending is pending:
-            now = loop.time()
-            if now >= deadline:
-                deadline_s = self._config.deadlines[stage]
+            try:
+                response = await stream.receive(deadline)
+            except TimeoutError:
                 await self._fail(session, f"no answer within {deadline_s:g}s", "timeout")
                 return
-            until = min(deadline, next_progress) if stage is Stage.EOM else deadline
-            try:
-                response = await self._stream.receive(until)
-            except TimeoutError:
-                if loop.time() >= next_progress and session.pending is pending:
-                    self._metrics.progress_sent.inc()
-                    await self._carry_out(session.progress())
-                    next_progress = loop.time() + progress_every
-                continue
             except StreamFailure as exc:
                 if exc.code is grpc.StatusCode.FAILED_PRECONDITION:
                     self._capabilities.refresh_now()
-                await self._fail(session, str(exc), _CAUSES.get(exc.code, "stream_error"))
+                cause = exc.cause or _CAUSES.get(exc.code, "stream_error")
+                await self._fail(session, str(exc), cause)
                 return
             if not await self._take_answer(session, response):
                 return
@@ -285,11 +302,10 @@ class MtaConnection:
         except InvalidAnswer as exc:
             await self._fail(session, f"invalid answer: {exc}", "invalid_reply")
             return False
-        if session.pending is pending:  # progress: not final
-            self._metrics.progress_sent.inc()
-        else:
-            self._count_answer(pending.stage, response, asyncio.get_running_loop().time())
-        await self._carry_out(outputs)
+        now = asyncio.get_running_loop().time()
+        if session.pending is not pending:  # final, not progress
+            self._count_answer(pending.stage, response, now)
+        await self._carry_out(outputs, now)
         return True
 
     def _count_answer(self, stage: Stage, response: pb.ProcessResponse, now: float) -> None:
@@ -348,4 +364,4 @@ class MtaConnection:
             extra={"stage": pending.stage.value, "verdict": action.name.lower(), "cause": cause},
         )
         self._drop_stream(session, f"failed at {pending.stage.value}: {reason}", cause)
-        await self._carry_out(session.fail(action))
+        await self._carry_out(session.fail(action), asyncio.get_running_loop().time())

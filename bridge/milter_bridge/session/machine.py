@@ -5,13 +5,27 @@ No I/O. The connection layer feeds what it reads from the MTA into
 policy is broken or late) and carries out the returned outputs in order:
 
     SendToMta(data)       write to the MTA; all replies to one command are one write
-    SendToPolicy(request) send on the policy stream; the first one of a stream is `start`
-    EndPolicyStream()     half-close the policy stream: the SMTP session is over
+    ProgressToMta(data)   SMFIR_PROGRESS while end of message awaits the policy; the
+                          connection may leave some out (it rate-limits them)
+    SendToPolicy(request, stream, stage)
+                          send on policy stream ``stream``; the first request of every
+                          stream is `start`. Left out when ``stream`` is
+                          ``Session.failed_stream`` (it failed while the outputs were
+                          carried out); ``stage``'s deadline bounds handing it over
+    EndPolicyStream(stream)
+                          half-close that policy stream: the SMTP session is over
 
 At most one event awaits the policy (``pending``): the MTA waits for that
 answer, and whatever it sends meanwhile (ABORT or QUIT after its own
 timeout) is queued and handled after the answer, as libmilter, which reads
 the next command only after replying, would handle it.
+
+When the policy fails (``policy_failed()``: unreachable, late, a broken or
+refused stream, an invalid answer), the session owns what follows: nothing
+more of that message goes to any stream, each later event of it that awaits
+an answer is pending with ``policy_failure`` set (the connection answers it
+with the stage's failure action at once), and the next message opens a new
+stream that begins with `start`.
 """
 
 from __future__ import annotations
@@ -44,6 +58,8 @@ from milter_bridge.v1 import policy_pb2 as pb
 DEFAULT_MAX_BODY_BUFFER = 16 << 20
 DEFAULT_MAX_HEADER_BUFFER = 1 << 20
 DEFAULT_MAX_HEADERS = 1000
+DEFAULT_MAX_RECIPIENTS = 1000
+DEFAULT_MAX_RECIPIENT_BUFFER = 1 << 20
 
 # Commands an MTA may send while it waits for an answer (ABORT, QUIT after its
 # own timeout); more than this many means it does not wait at all.
@@ -78,17 +94,27 @@ class SendToMta:
     data: bytes
 
 
+_PROGRESS = encode(r.Progress())
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressToMta:
+    data: bytes = _PROGRESS
+
+
 @dataclass(frozen=True, slots=True)
 class SendToPolicy:
     request: pb.ProcessRequest
+    stream: int
+    stage: Stage
 
 
 @dataclass(frozen=True, slots=True)
 class EndPolicyStream:
-    pass
+    stream: int
 
 
-Output = SendToMta | SendToPolicy | EndPolicyStream
+Output = SendToMta | ProgressToMta | SendToPolicy | EndPolicyStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +150,8 @@ class Session:
         max_body_buffer: int = DEFAULT_MAX_BODY_BUFFER,
         max_header_buffer: int = DEFAULT_MAX_HEADER_BUFFER,
         max_headers: int = DEFAULT_MAX_HEADERS,
+        max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+        max_recipient_buffer: int = DEFAULT_MAX_RECIPIENT_BUFFER,
     ) -> None:
         self.plan = plan
         # Memory per connection: a buffered body and the headers collected for the
@@ -131,6 +159,8 @@ class Session:
         self.body_limit = min(plan.body_limit, max_body_buffer)
         self.max_header_buffer = max_header_buffer
         self.max_headers = max_headers
+        self.max_recipients = max_recipients
+        self.max_recipient_buffer = max_recipient_buffer
         self.connection_id = connection_id
         self.decoder = CommandDecoder(max_packet_size)
         self.negotiation: Negotiation | None = None
@@ -142,9 +172,11 @@ class Session:
         self._skippable = frozenset(
             st for stage, st in _STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
         )
-        self._smtp_sessions = 0
         self.message_epoch = 0
-        self._stream_open = False
+        self.stream = 0  # the open policy stream (numbered from 1); 0: none
+        self.failed_stream = 0  # the last stream that failed
+        self._failure: tuple[str, str] | None = None  # the policy failed on this message
+        self._streams = 0
         self._sequence = 0
         self._reset_session()
 
@@ -185,7 +217,7 @@ class Session:
             if p.stage is not Stage.EOM:
                 msg = f"answer to {p.stage.value}: progress is only valid for end_of_message"
                 raise InvalidAnswer(msg)
-            return [SendToMta(encode(r.Progress()))]
+            return [ProgressToMta()]
         if kind == "verdict":
             skip = self._negotiated().skip
             replies = answers.verdict_replies(p.stage, response.verdict, skip=skip)
@@ -217,11 +249,31 @@ class Session:
         """The bridge's own SMFIR_PROGRESS while the policy works on end of message."""
         if self.pending is None or self.pending.stage is not Stage.EOM:
             return []
-        return [SendToMta(encode(r.Progress()))]
+        return [ProgressToMta()]
 
-    def stream_lost(self) -> None:
-        """The policy stream was cancelled: the next event opens a new one, with `start`."""
-        self._stream_open = False
+    def policy_failed(self, stream: int, reason: str, cause: str) -> None:
+        """The policy failed on ``stream`` (0: none), now cancelled; ``cause``: a metric label.
+
+        Outputs not yet carried out that name the failed stream are left out
+        (``failed_stream``). When it is the open stream, or no stream is named,
+        nothing more of the current message goes to the policy: what of it
+        awaits an answer gets ``policy_failure``, and the next message opens a
+        new stream, with `start`. The first reason of a message is kept.
+        """
+        if stream:
+            self.failed_stream = stream
+            if stream != self.stream:
+                return  # an earlier stream, ended before this message began
+            self.stream = 0
+        if self._failure is None:
+            self._failure = (reason, cause)
+
+    @property
+    def policy_failure(self) -> tuple[str, str] | None:
+        """(reason, cause) when the policy is not asked for the rest of this message."""
+        if not self.plan.available:
+            return ("no policy capabilities known", "unreachable")
+        return self._failure
 
     def connection_lost(self) -> list[Output]:
         """The MTA closed the connection."""
@@ -260,11 +312,15 @@ class Session:
 
     def _reset_message(self) -> None:
         self.message_epoch += 1  # a new message (or none yet) begins
+        self._failure = None
         self._message_done = False
         self._message_seen = False
         self._skip_body = False
         self._mail: pb.MailFrom | None = None
-        self._recipients: list[pb.RcptTo] = []
+        self._recipients: list[pb.RcptTo] = []  # held only for EndOfMessage.envelope
+        self._recipient_bytes = 0
+        self._recipients_truncated = False
+        self._holds_last_recipient = False
         self._headers: list[pb.Header] = []
         self._header_bytes = 0
         self._headers_truncated = False
@@ -326,7 +382,7 @@ class Session:
                     self.macros.of(MacroStage.SMFIM_ENVRCPT).get("rcpt_mailer") == "error"
                 )
                 rcpt = events.rcpt_to(command, rejected=rejected)
-                self._recipients.append(rcpt)
+                self._hold_recipient(rcpt, len(command.payload()))
                 return self._event(Stage.RCPT, command, "rcpt_to", rcpt)
             case cmd.Data():
                 return self._event(Stage.DATA, command, "data", pb.Data())
@@ -390,6 +446,21 @@ class Session:
         self._header_bytes += size
         self._headers.append(header)
 
+    def _hold_recipient(self, rcpt: pb.RcptTo, size: int) -> None:
+        """Recipients are held only for a policy that gets the envelope at end of message."""
+        self._holds_last_recipient = False
+        if not self.plan.eom_envelope or self._recipients_truncated:
+            return
+        if (
+            self._recipient_bytes + size > self.max_recipient_buffer
+            or len(self._recipients) >= self.max_recipients
+        ):
+            self._recipients_truncated = True
+            return
+        self._recipient_bytes += size
+        self._recipients.append(rcpt)
+        self._holds_last_recipient = True
+
     def _end_of_message(self) -> pb.EndOfMessage:
         eom = pb.EndOfMessage(body_size=self._body_size)
         if self.plan.eom_envelope:
@@ -401,6 +472,7 @@ class Session:
             if self._mail is not None:
                 envelope.mail_from.CopyFrom(self._mail)
             envelope.recipients.extend(self._recipients)
+            envelope.recipients_truncated = self._recipients_truncated
             for name, stage in _ENVELOPE_MACROS.items():
                 envelope.macros[name].values.update(self.macros.of(stage))
         if self.plan.eom_headers:
@@ -413,7 +485,7 @@ class Session:
 
     def _abort_message(self) -> list[Output]:
         out: list[Output] = []
-        if self._message_seen and self._mode(Stage.ABORT) is not Mode.SKIP and self._stream_open:
+        if self._message_seen and self._mode(Stage.ABORT) is not Mode.SKIP and self.stream:
             out = self._send(Stage.ABORT, pb.Abort(), "abort", {}, decide=False)
         self._reset_message()
         return out
@@ -441,31 +513,36 @@ class Session:
     def _send(
         self, stage: Stage, message: Message, field: str, macros: dict[str, str], *, decide: bool
     ) -> list[Output]:
+        if self.policy_failure is not None:
+            return []  # the policy failed on this message: it sees no more of it
         out: list[Output] = []
-        if not self._stream_open:
-            self._stream_open = True
+        if not self.stream:
+            self._streams += 1
+            self.stream = self._streams
             self._sequence = 1
-            self._smtp_sessions += 1
             start = pb.StreamStart(
                 fingerprint=self.plan.fingerprint,
                 capabilities=self.plan.capabilities,
                 negotiated=self._negotiated().negotiated,
-                session_id=f"{self.connection_id}.{self._smtp_sessions}",
+                # A new stream (after a failure, or QUIT_NC) is a new session_id:
+                # its sequence numbers start again at 1.
+                session_id=f"{self.connection_id}.{self._streams}",
             )
-            out.append(SendToPolicy(pb.ProcessRequest(sequence=1, start=start)))
+            request = pb.ProcessRequest(sequence=1, start=start)
+            out.append(SendToPolicy(request, self.stream, stage))
         self._sequence += 1
         if stage in _MESSAGE_STAGES:
             self._message_seen = True
         request = pb.ProcessRequest(sequence=self._sequence, reply_expected=decide, macros=macros)
         getattr(request, field).CopyFrom(message)
-        out.append(SendToPolicy(request))
+        out.append(SendToPolicy(request, self.stream, stage))
         return out
 
     def _end_stream(self) -> list[Output]:
-        if not self._stream_open:
+        if not self.stream:
             return []
-        self._stream_open = False
-        return [EndPolicyStream()]
+        stream, self.stream = self.stream, 0
+        return [EndPolicyStream(stream)]
 
     # -- answers ------------------------------------------------------------
 
@@ -476,8 +553,10 @@ class Session:
         out: list[Output] = [SendToMta(encode_all(replies))]
         if p.stage is Stage.EOM:
             self._reset_message()
-        if p.stage is Stage.RCPT and action in (pb.ACTION_REJECT, pb.ACTION_TEMPFAIL):
+        refused = action in (pb.ACTION_REJECT, pb.ACTION_TEMPFAIL)
+        if p.stage is Stage.RCPT and refused and self._holds_last_recipient:
             self._recipients.pop()  # refused: not a recipient of this message
+            self._holds_last_recipient = False
         # engine.c: after ACCEPT, and after REJECT/TEMPFAIL/DISCARD of any command but
         # RCPT and UNKNOWN, the state falls back to HELO.
         ends = action == pb.ACTION_ACCEPT or (

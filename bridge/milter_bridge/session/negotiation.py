@@ -3,8 +3,9 @@
 Asks for exactly what the plan needs and never more than the MTA offered:
 NO* flags for events nothing needs, NR* flags for events the policy does not
 answer, the action flags of the modifications the policy may make, and the
-macro lists. Sendmail refuses a reply with flags it did not offer; Postfix
-takes them at face value, which is worse (see PROTOCOL-NOTES).
+macro lists (end of headers and end of message always as a pair, for
+Sendmail). Sendmail refuses a reply with flags it did not offer; Postfix takes
+them at face value, which is worse (see PROTOCOL-NOTES).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from milter_bridge.protocol.constants import (
     SMFI_V1_ACTS,
     SMFI_V1_PROT,
     ActionFlag,
+    MacroStage,
     ProtocolFlag,
 )
 from milter_bridge.protocol.errors import MalformedPacket
@@ -52,6 +54,37 @@ NR_FLAG: dict[Stage, ProtocolFlag] = {
 }
 # Events older protocol versions do not have.
 FIRST_VERSION: dict[Stage, int] = {Stage.UNKNOWN: 3, Stage.DATA: 4}
+
+# Sendmail 8.14-8.18 picks a milter's end-of-message macro list by the flag of
+# its end-of-headers list (milter.c, milter_data(): ``if ((m->mf_lflags &
+# MI_LFLAGS_SYM(SMFIM_EOH)) != 0) idx = m->mf_idx; ... macros =
+# MilterMacros[SMFIM_EOM][idx];``). An EOM list sent alone is ignored: the
+# milter gets the global Milter.macros.eom. An EOH list sent alone makes the
+# milter's own, never set, EOM list the one used: no EOM macros at all. So the
+# two always go together; the one the policy did not name gets Sendmail's stock
+# default, the value cf/m4/cfhead.m4 gives Milter.macros.* (8.17.1.9:
+# confMILTER_MACROS_EOM is `{msg_id}`; there is no confMILTER_MACROS_EOH, so the
+# default end-of-headers list is empty). Postfix (milter8.c) takes each list on
+# its own and uses an empty one as "this milter has none", so its
+# milter_end_of_header_macros still applies (milter.c, MILTER_MACRO_EVAL); a
+# non-empty one replaces its milter_*_macros for this milter, so `{msg_id}`
+# (which Postfix does not define) leaves an end-of-headers-only policy without
+# end-of-message macros there, where milter_end_of_data_macros would give `i`.
+SENDMAIL_DEFAULT_LIST: dict[MacroStage, bytes] = {
+    MacroStage.SMFIM_EOH: b"",
+    MacroStage.SMFIM_EOM: b"{msg_id}",
+}
+
+
+def symbol_lists(
+    requested: tuple[tuple[MacroStage, bytes], ...],
+) -> tuple[tuple[MacroStage, bytes], ...]:
+    """The OPTNEG macro lists for the policy's: EOH and EOM both, whenever either is named."""
+    lists = dict(requested)
+    if lists.keys() & SENDMAIL_DEFAULT_LIST.keys():
+        for stage, default in SENDMAIL_DEFAULT_LIST.items():
+            lists.setdefault(stage, default)
+    return tuple(sorted(lists.items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +159,9 @@ def negotiate(plan: Plan, offer: OptionNegotiation) -> Negotiation:
         skip=skip,
     )
     return Negotiation(
-        reply=OptionNegotiationReply(version, actions, protocol, plan.macro_lists if lists else ()),
+        reply=OptionNegotiationReply(
+            version, actions, protocol, symbol_lists(plan.macro_lists) if lists else ()
+        ),
         no_reply=frozenset(no_reply),
         modes=modes,
         skip=skip,

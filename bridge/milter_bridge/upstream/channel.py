@@ -14,6 +14,7 @@ import grpc
 import grpc.aio
 
 from milter_bridge.upstream.security import Tls
+from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 
 MAX_ANSWER_SIZE = 64 << 20
@@ -49,3 +50,19 @@ def make_channel(target: str, tls: Tls | None = None) -> grpc.aio.Channel:
 def make_stub(channel: grpc.aio.Channel) -> policy_pb2_grpc.PolicyServiceAsyncStub:
     # The .pyi types this as the async stub; at run time it is the one stub class.
     return policy_pb2_grpc.PolicyServiceStub(channel)
+
+
+# Process stream's calls, with responses as raw bytes: the bridge parses them
+# itself, so that a reply that is not a ProcessResponse is a failure it handles
+# (the stage's failure action, cause invalid_reply) instead of grpc's
+# "Exception deserializing message!" traceback and a read() that yields None.
+ProcessMethod = grpc.aio.StreamStreamMultiCallable[pb.ProcessRequest, bytes]
+PROCESS_METHOD = "/{}/Process".format(pb.DESCRIPTOR.services_by_name["PolicyService"].full_name)
+
+
+def process_method(channel: grpc.aio.Channel) -> ProcessMethod:
+    return channel.stream_stream(
+        PROCESS_METHOD,
+        request_serializer=pb.ProcessRequest.SerializeToString,
+        response_deserializer=None,
+    )

@@ -5,8 +5,15 @@ reads every response into a queue; the connection waits on that queue with
 its own deadline (never on a pending ``read()``: cancelling one leaks, see
 grpc#43360). The normal end is a half-close (``done_writing``) and reading to
 the end; ``cancel()`` only on failure, but then always. Every wait here is
-bounded: writes (a policy that stops reading blocks them through HTTP/2 flow
-control) run as tasks the caller times out on, and a timeout cancels the call.
+bounded by the caller's deadline: writes (a policy that stops reading blocks
+them through HTTP/2 flow control, an unreachable one with wait_for_ready)
+run as tasks, and one that misses its deadline cancels the call. While a
+wait lasts, ``tick`` is called every ``tick_every`` seconds: the connection
+keeps an MTA that waits for end of message alive with SMFIR_PROGRESS.
+
+Responses arrive as bytes and are parsed here: a reply that is not a
+ProcessResponse fails the stream with cause ``invalid_reply`` (grpc's own
+deserializer would log a traceback and hand ``read()`` a None).
 
 gRPC never retries a started stream. This one is reopened, and what was sent
 on it so far replayed (StreamStart.attempt counts up), when it fails with
@@ -19,14 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
+from milter_bridge.upstream.channel import ProcessMethod
 from milter_bridge.upstream.security import Metadata, no_metadata
 from milter_bridge.v1 import policy_pb2 as pb
-from milter_bridge.v1 import policy_pb2_grpc
 
 OPEN_ATTEMPTS = 3
 # Requests kept for a replay; a stream that sent more before its first reply is not replayed.
@@ -40,16 +49,25 @@ _END = object()
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 _CALL_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
+Tick = Callable[[], Awaitable[None]]
+
 
 class StreamFailure(Exception):
-    """The stream broke or ended while an answer was awaited."""
+    """The stream broke or ended while an answer was awaited.
 
-    def __init__(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+    ``cause`` is set when the bridge itself knows it (e.g. ``invalid_reply``);
+    otherwise the caller classifies ``code``.
+    """
+
+    def __init__(
+        self, reason: str, code: grpc.StatusCode | None = None, cause: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.code = code
+        self.cause = cause
 
 
-Call = grpc.aio.StreamStreamCall[pb.ProcessRequest, pb.ProcessResponse]
+Call = grpc.aio.StreamStreamCall[pb.ProcessRequest, bytes]
 
 
 def _with_attempt(start: pb.ProcessRequest, attempt: int) -> pb.ProcessRequest:
@@ -59,19 +77,27 @@ def _with_attempt(start: pb.ProcessRequest, attempt: int) -> pb.ProcessRequest:
     return copy
 
 
+async def _no_tick() -> None:
+    return None
+
+
 class PolicyStream:
-    def __init__(
+    def __init__(  # noqa: PLR0917 - one stream's collaborators
         self,
-        stub: policy_pb2_grpc.PolicyServiceAsyncStub,
+        process: ProcessMethod,
         log: logging.LoggerAdapter[logging.Logger],
         on_retry: Callable[[], object] | None = None,
         metadata: Callable[[], Metadata] = no_metadata,
         on_replica: Callable[[str], object] | None = None,
+        tick: Tick = _no_tick,
+        tick_every: float = 1.0,
     ) -> None:
-        self._stub = stub
+        self._process = process
         self._metadata = metadata
         self._on_replica = on_replica
         self._on_retry = on_retry
+        self._tick = tick
+        self._tick_every = tick_every
         self._log = log
         self._call: Call | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -87,7 +113,7 @@ class PolicyStream:
         self._attempts += 1
         self._queue = asyncio.Queue()
         # wait_for_ready: a restarting policy is waited for; the caller's deadline bounds it.
-        call = self._stub.Process(
+        call = self._process(
             None, wait_for_ready=True, metadata=self._metadata()
         )  # requests are written one by one
         self._call = call
@@ -100,15 +126,25 @@ class PolicyStream:
                 headers = await call.initial_metadata()
                 self._on_replica(replica_of(headers))
             while True:
-                response = await call.read()
-                if response is _EOF:
+                data = await call.read()
+                if data is _EOF:
                     queue.put_nowait(_END)
                     return
                 if queue.qsize() >= MAX_UNREAD_RESPONSES:
-                    self.failure = f"the policy sent over {MAX_UNREAD_RESPONSES} unasked responses"
-                    queue.put_nowait(StreamFailure(self.failure))
-                    call.cancel()
+                    unasked = f"the policy sent over {MAX_UNREAD_RESPONSES} unasked responses"
+                    self._fail_call(call, unasked, "invalid_reply")
                     return
+                try:
+                    response = pb.ProcessResponse.FromString(data)  # type: ignore[arg-type]
+                except (DecodeError, TypeError) as exc:
+                    invalid = f"the policy's reply is not a ProcessResponse ({exc})"
+                    self._fail_call(call, invalid, "invalid_reply")
+                    return
+                if response.WhichOneof("response") == "progress" and not queue.empty():
+                    # "Still working", while the connection has not taken what came
+                    # before: dropped, so that a policy flooding progress neither fills
+                    # the queue nor the MTA's socket (the connection also rate-limits).
+                    continue
                 queue.put_nowait(response)
         except grpc.aio.AioRpcError as exc:
             if not self._cancelled:
@@ -117,6 +153,25 @@ class PolicyStream:
         except asyncio.CancelledError:
             # The call was cancelled (by cancel()); the reader ends with it.
             queue.put_nowait(StreamFailure("the stream was cancelled"))
+
+    def _fail_call(self, call: Call, reason: str, cause: str) -> None:
+        """The policy broke the protocol: the call is cancelled, the next receive() fails."""
+        self.failure = reason
+        self._queue.put_nowait(StreamFailure(reason, cause=cause))
+        self._cancelled = True
+        call.cancel()
+
+    async def _wait(self, future: asyncio.Future[Any], until: float) -> bool:
+        """Whether ``future`` is done by loop time ``until``; ticks while it is not."""
+        loop = asyncio.get_running_loop()
+        while True:
+            left = until - loop.time()
+            if left <= 0:
+                return future.done()
+            done, _ = await asyncio.wait([future], timeout=min(left, self._tick_every))
+            if done:
+                return True
+            await self._tick()
 
     async def _write(self, request: pb.ProcessRequest, until: float) -> bool:
         """Hand one request to gRPC by loop time ``until``; False (call cancelled) if not."""
@@ -129,11 +184,12 @@ class PolicyStream:
                 await call.write(request)
 
         task = asyncio.ensure_future(write())
-        timeout = max(until - asyncio.get_running_loop().time(), 0)
-        done, _ = await asyncio.wait([task], timeout=timeout)
-        if done:
+        if await self._wait(task, until):
             return True
-        self.cancel()  # ends the pending write; never cancel the write itself
+        self.cancel()
+        # Once its call is cancelled, a write that waits for a connection never ends
+        # by itself (measured: not within 10 s); cancelling it then ends it at once.
+        task.cancel()
         await asyncio.wait([task], timeout=CLOSE_TIMEOUT)
         return False
 
@@ -150,9 +206,15 @@ class PolicyStream:
 
     async def receive(self, until: float) -> pb.ProcessResponse:
         """The next response by loop time ``until``; raises TimeoutError or StreamFailure."""
-        loop = asyncio.get_running_loop()
         while True:
-            item = await asyncio.wait_for(self._queue.get(), max(until - loop.time(), 0))
+            if self._queue.empty():
+                getter = asyncio.ensure_future(self._queue.get())
+                if not await self._wait(getter, until):
+                    getter.cancel()
+                    raise TimeoutError
+                item = getter.result()
+            else:
+                item = self._queue.get_nowait()
             if isinstance(item, pb.ProcessResponse):
                 self._replied = True
                 self._sent = None
@@ -205,6 +267,7 @@ class PolicyStream:
                 "policy did not end its stream within %.0fs; cancelling it", CLOSE_TIMEOUT
             )
             self.cancel()
+            closing.cancel()  # a half-close still waiting ends with its cancelled call
             await asyncio.wait(
                 [closing, reader], timeout=max(until - loop.time(), 0) + CLOSE_TIMEOUT
             )

@@ -960,6 +960,13 @@ class Envelope(_message.Message):
     MAIL_FROM_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
     MACROS_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    recipients_truncated: _builtins.bool
+    """True when the message had more recipients than the bridge holds for the
+    policy (its --max-recipients count or --max-recipient-buffer bytes) and
+    `recipients` holds only the first ones. Every recipient still reached the
+    policy's rcpt_to events, if it asked for them.
+    """
     @_builtins.property
     def connect(self) -> Global___Connect:
         """The connection (absent if the MTA did not send it)."""
@@ -995,10 +1002,11 @@ class Envelope(_message.Message):
         mail_from: Global___MailFrom | None = ...,
         recipients: _abc.Iterable[Global___RcptTo] | None = ...,
         macros: _abc.Mapping[_builtins.str, Global___Macros] | None = ...,
+        recipients_truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect", b"connect", "helo", b"helo", "mail_from", b"mail_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect", b"connect", "helo", b"helo", "macros", b"macros", "mail_from", b"mail_from", "recipients", b"recipients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect", b"connect", "helo", b"helo", "macros", b"macros", "mail_from", b"mail_from", "recipients", b"recipients", "recipients_truncated", b"recipients_truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
