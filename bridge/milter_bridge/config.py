@@ -57,15 +57,14 @@ from milter_bridge.session.machine import (
     DEFAULT_MAX_BODY_BUFFER,
     DEFAULT_MAX_HEADER_BUFFER,
     DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_RECIPIENT_BUFFER,
+    DEFAULT_MAX_RECIPIENTS,
 )
 
 # Stages that can await the policy, by their names in the proto and on the command line.
 STAGES: dict[str, Stage] = {s.value: s for s in Stage if s is not Stage.ABORT}
 DEFAULT_DEADLINE = 8.0
 DEFAULT_EOM_DEADLINE = 120.0
-# Until session/machine.py defines them (its recipient limits follow these).
-DEFAULT_MAX_RECIPIENTS = 1000
-DEFAULT_MAX_RECIPIENT_BUFFER = 1 << 20
 SENDMAIL_READ_TIMEOUT = 10.0  # INPUT_MAIL_FILTER T=R: default
 MTA_EOM_LIMIT = 300.0  # Sendmail T=E:5m; Postfix milter_content_timeout
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -336,7 +335,7 @@ class Config:
         parse=whole,
         check=positive,
         metavar="BYTES",
-        help="most recipient bytes held for the policy per message",
+        help="most recipient bytes held for the policy per message; beyond, recipients_truncated",
     )
     max_recipients: int = option(
         default=DEFAULT_MAX_RECIPIENTS,

@@ -37,6 +37,9 @@ class Envelope:
     sender: str = ""
     sender_args: list[str] = field(default_factory=list)
     recipients: list[str] = field(default_factory=list)
+    # True when the bridge held only the first recipients for the end of message
+    # (its --max-recipients / --max-recipient-buffer); rcpt_to events had them all.
+    recipients_truncated: bool = False
 
 
 # Macro stages in the order of a session; entering one of _CLEARS_LATER makes later ones stale.
@@ -61,6 +64,9 @@ class Context:
         self.envelope = Envelope()
         # (name, value) pairs in message order, as far as delivered to this policy.
         self.headers: list[tuple[str, bytes]] = []
+        # True when the bridge held only the first headers (its --max-headers /
+        # --max-header-buffer) for a batch at end of headers or end of message.
+        self.headers_truncated = False
         self.body = b""
         self.body_truncated = False
         # Per connection, for the policy's own use; kept across messages.

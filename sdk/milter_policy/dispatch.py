@@ -92,6 +92,7 @@ class Dispatcher:
         if event == "end_of_headers":
             batch = [(h.name, h.value) for h in request.end_of_headers.headers]
             ctx.headers.extend(batch)
+            ctx.headers_truncated = request.end_of_headers.headers_truncated
             return [*(("header", h) for h in batch), ("end_of_headers", ())]
         if event == "body_chunk":
             return [("body", (request.body_chunk.data,))]
@@ -107,12 +108,14 @@ class Dispatcher:
     def _new_message(self) -> None:
         ctx = self.ctx
         ctx.envelope = Envelope()
-        ctx.headers, ctx.body, ctx.body_truncated = [], b"", False
+        ctx.headers, ctx.headers_truncated = [], False
+        ctx.body, ctx.body_truncated = b"", False
 
     def _fill_from_end_of_message(self, eom: pb.EndOfMessage) -> None:
         ctx = self.ctx
         if self.policy.eom_headers:
             ctx.headers = [(h.name, h.value) for h in eom.headers]
+            ctx.headers_truncated = eom.headers_truncated
         if eom.HasField("envelope"):
             e = eom.envelope
             if e.HasField("connect"):
@@ -124,6 +127,7 @@ class Dispatcher:
                 sender=e.mail_from.address,
                 sender_args=list(e.mail_from.esmtp_args),
                 recipients=[r.address for r in e.recipients],
+                recipients_truncated=e.recipients_truncated,
             )
             for stage, macros in e.macros.items():
                 ctx._replace_stage(stage, dict(macros.values))

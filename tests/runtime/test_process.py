@@ -97,6 +97,41 @@ async def test_memory_stays_bounded_with_huge_messages_and_a_slow_policy(
     assert peak_mb < PEAK_RSS_LIMIT_MB
 
 
+async def test_memory_stays_bounded_with_huge_recipients(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    # 300 recipients of about 1 MB each (found by independent checks: 348 MB of RSS,
+    # every recipient held for the end-of-message envelope without a bound).
+    caps = h.capabilities(
+        rcpt_to=h.OBSERVE,
+        end_of_message=h.DECIDE,
+        end_of_message_content=pb.EndOfMessageContent(envelope=True),
+    )
+    policy.policy.capabilities = caps
+    envelopes: list[pb.Envelope] = []
+
+    async def accept(request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
+        envelopes.append(request.end_of_message.envelope)
+        return [verdict(request, pb.ACTION_ACCEPT)]
+
+    policy.policy.decide = accept
+    bridge = await start_bridge(bridge_factory, tmp_path, policy.target)
+    baseline_mb = bridge.status_kb("VmRSS") / 1024
+    mta = await bridge.connect()
+    await mta.negotiate()
+    await mta.send(*h.mail())
+    for n in range(300):
+        await mta.send(cmd.Rcpt(b"<%d@example.test" % n + b"x" * 1_000_000 + b">"))
+    assert await mta.command(*h.eom()) == [r.Accept()]
+    await mta.close()
+    (envelope,) = envelopes
+    assert envelope.recipients_truncated
+    assert len(envelope.recipients) <= 1  # --max-recipient-buffer: 1 MiB
+    peak_mb = bridge.status_kb("VmHWM") / 1024
+    print(f"bridge RSS: baseline {baseline_mb:.0f} MB, peak {peak_mb:.0f} MB")
+    assert peak_mb < PEAK_RSS_LIMIT_MB
+
+
 async def one_session(bridge: BridgeProcess) -> None:
     mta = await bridge.connect()
     await mta.negotiate()
@@ -343,3 +378,45 @@ async def test_json_logs_carry_the_fields_and_no_content(
     # Even at debug level no address, header or body reaches the log.
     for content in ("sender@example.test", "rcpt@example.test", "hello", "body line"):
         assert content not in bridge.log(), content
+
+
+# Queue ids an MTA (or anything posing as one) may send: a format directive, and a
+# newline followed by what would read as a line of its own.
+HOSTILE_QUEUE_IDS = (b"Q1%d%s", b"Q2\nERROR milter_bridge forged\x1b[31m", b"Q3\xe2\x80\xa8x")
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+async def test_mta_data_never_reaches_a_format_string_or_breaks_a_line(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path, log_format: str
+) -> None:
+    import json  # noqa: PLC0415
+
+    bridge = await start_bridge(bridge_factory, tmp_path, policy.target, "--log-format", log_format)
+    mta = await bridge.connect()
+    await mta.negotiate()
+    assert await mta.command(*h.connect()) == [r.Continue()]
+    for qid in HOSTILE_QUEUE_IDS:
+        assert await mta.command(cmd.DefineMacro(b"E", ((b"i", qid),)), cmd.EndOfMessage()) == [
+            r.Continue()
+        ]
+    await mta.send(cmd.Quit())
+    assert await mta.closed_by_peer()  # barrier: the bridge has handled the whole session
+    await mta.close()
+    await bridge.stop()
+
+    lines = bridge.log().splitlines()
+    assert "Logging error" not in bridge.log()
+    assert "Traceback" not in bridge.log()
+    if log_format == "json":
+        records = [json.loads(line) for line in lines]  # every line is one JSON object
+        ended = [x["qid"] for x in records if x["message"].startswith("end of message")]
+        assert ended == ["Q1%d%s", "Q2\\x0aERROR milter_bridge forged\\x1b[31m", "Q3\\u2028x"]
+        return
+    # One line per message, each whole; nothing starts a line but a timestamp.
+    ended = [line for line in lines if "end of message: continue" in line]
+    assert [line.split(" qid=")[1].split(": end of message")[0] for line in ended] == [
+        "Q1%d%s",
+        "Q2\\x0aERROR milter_bridge forged\\x1b[31m",
+        "Q3\\u2028x",
+    ]
+    assert all(line[:4].isdigit() for line in lines), lines

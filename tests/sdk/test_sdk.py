@@ -25,11 +25,11 @@ P = ProtocolFlag
 
 
 @contextlib.asynccontextmanager
-async def bridged(policy: Policy) -> AsyncIterator[Bridge]:
+async def bridged(policy: Policy, **settings: int) -> AsyncIterator[Bridge]:
     server = PolicyServer(policy, "127.0.0.1:0")
     await server.start()
     listen = Listen(ListenKind.INET, host="127.0.0.1", port=0)
-    bridge = Bridge(Config(listen=listen, upstream=f"127.0.0.1:{server.port}"))
+    bridge = Bridge(Config(listen=listen, upstream=f"127.0.0.1:{server.port}", **settings))  # type: ignore[arg-type]
     await bridge.start()
     assert await bridge.capabilities.plan(10.0) is not None
     try:
@@ -247,6 +247,31 @@ async def test_macros_of_an_earlier_message_do_not_linger() -> None:
         assert await client.command(second, cmd.EndOfMessage()) == [r.Continue()]
         await client.close()
     assert seen == ["QID1", None]  # the end-of-message macros are the new message's
+
+
+async def test_truncated_envelope_and_headers_reach_the_context() -> None:
+    policy = Policy("limits")
+    seen: list[tuple[int, bool, int, bool]] = []
+
+    @policy.end_of_message(envelope=True, headers=True)
+    def look(ctx: Context) -> None:
+        e = ctx.envelope
+        seen.append(
+            (len(e.recipients), e.recipients_truncated, len(ctx.headers), ctx.headers_truncated)
+        )
+
+    async with bridged(policy, max_recipients=2, max_headers=1) as bridge:
+        client = await mta(bridge)
+        await client.send(
+            *h.connect(), *h.mail(), *h.rcpt(), *h.rcpt(b"<b@x.test>"), *h.rcpt(b"<c@x.test>")
+        )
+        await client.send(cmd.Header(b"Subject", b"one"), cmd.Header(b"To", b"two"))
+        assert await client.command(*h.eom()) == [r.Continue()]
+        # The next message: under the limits, nothing truncated.
+        await client.send(*h.mail(), *h.rcpt(), cmd.Header(b"Subject", b"one"))
+        assert await client.command(*h.eom()) == [r.Continue()]
+        await client.close()
+    assert seen == [(2, True, 1, True), (1, False, 1, False)]
 
 
 async def test_testing_helper_matches_the_real_bridge(tmp_path: Path) -> None:

@@ -70,3 +70,64 @@ def test_queue_id_for_log_lines() -> None:
     assert mta.session.queue_id is None  # Postfix: known from the first accepted recipient
     mta.send(*h.rcpt())
     assert mta.session.queue_id == "QID1"
+
+
+def held_recipients(
+    session: Session, count: int, *, reject: frozenset[int] = frozenset()
+) -> pb.Envelope:
+    """``count`` recipients (the policy decides at RCPT, refusing ``reject``), then the envelope."""
+    mta = Mta(session.plan.capabilities)
+    mta.session = session
+    mta.send(h.OFFER_V6, *h.connect(), *h.mail())
+    for n in range(count):
+        mta.send(cmd.Rcpt(f"<r{n}@example.test>".encode() + b"x" * 10))
+        if session.pending is not None:
+            mta.verdict(pb.ACTION_REJECT if n in reject else pb.ACTION_CONTINUE)
+    mta.send(*h.eom())
+    return mta.last().end_of_message.envelope
+
+
+def test_recipients_held_for_the_envelope_are_cut_at_the_count_limit() -> None:
+    envelope = held_recipients(Session(Plan.from_capabilities(h.eom_only()), max_recipients=3), 10)
+    assert [x.address for x in envelope.recipients] == [
+        "<r0@example.test>xxxxxxxxxx",
+        "<r1@example.test>xxxxxxxxxx",
+        "<r2@example.test>xxxxxxxxxx",
+    ]
+    assert envelope.recipients_truncated
+
+
+def test_recipients_held_for_the_envelope_are_cut_at_the_byte_limit() -> None:
+    # Each RCPT payload: 27 bytes of address and its NUL; three fit in 100 bytes.
+    session = Session(Plan.from_capabilities(h.eom_only()), max_recipient_buffer=100)
+    envelope = held_recipients(session, 10)
+    assert len(envelope.recipients) == 3
+    assert envelope.recipients_truncated
+    # Under the limits: all of them, not truncated.
+    envelope = held_recipients(Session(Plan.from_capabilities(h.eom_only())), 10)
+    assert (len(envelope.recipients), envelope.recipients_truncated) == (10, False)
+
+
+def test_a_refused_recipient_beyond_the_limit_leaves_the_held_ones_alone() -> None:
+    caps = h.eom_only()
+    caps.events.rcpt_to = h.DECIDE
+    session = Session(Plan.from_capabilities(caps), max_recipients=2)
+    envelope = held_recipients(session, 5, reject=frozenset({1, 3, 4}))
+    # r1 was refused (not a recipient); r3 and r4 were never held: r0 and r2 stay.
+    assert [x.address[:4] for x in envelope.recipients] == ["<r0@", "<r2@"]
+    assert envelope.recipients_truncated
+
+
+def test_recipients_are_not_held_for_a_policy_without_the_envelope() -> None:
+    caps = h.capabilities(rcpt_to=h.OBSERVE, end_of_message=h.DECIDE)
+    session = Session(Plan.from_capabilities(caps), max_recipients=1)
+    mta = Mta(caps)
+    mta.session = session
+    mta.send(h.OFFER_V6, *h.connect(), *h.mail())
+    for n in range(5):
+        mta.send(cmd.Rcpt(f"<r{n}@example.test>".encode()))
+    # Every recipient still reached the policy as an event; none was kept.
+    assert [e for e in mta.events() if e == "rcpt_to"] == ["rcpt_to"] * 5
+    assert session._recipients == []
+    mta.send(*h.eom())
+    assert not mta.last().end_of_message.HasField("envelope")

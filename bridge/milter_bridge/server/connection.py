@@ -27,8 +27,6 @@ import math
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-import grpc
-
 from milter_bridge.config import Config
 from milter_bridge.metrics import Metrics
 from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification, ProtocolError
@@ -51,17 +49,17 @@ from milter_bridge.v1 import policy_pb2 as pb
 READ_SIZE = 1 << 16
 # A policy's own progress reaches the MTA at most this often: one keeps it waiting.
 PROGRESS_GAP = 1.0
-# Failure causes (metrics) of streams that ended with these statuses; others: stream_error.
-_CAUSES: dict[grpc.StatusCode | None, str] = {
-    grpc.StatusCode.FAILED_PRECONDITION: "refused_stream",
-    grpc.StatusCode.UNAVAILABLE: "unreachable",
-}
 MTA_WRITE_TIMEOUT = 60.0
 log = logging.getLogger("milter_bridge.connection")
 
 
 class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line with the connection and, once known, the MTA's queue id."""
+    """Gives every line the connection and, once known, the MTA's queue id.
+
+    As fields (``conn``, ``qid``, and ``log_prefix`` for plain lines), never in
+    the message: the queue id comes from the MTA and must not reach a format
+    string (logs.py).
+    """
 
     def __init__(self, conn_id: str) -> None:
         super().__init__(log, {})
@@ -75,7 +73,7 @@ class ConnectionLog(logging.LoggerAdapter[logging.Logger]):
         prefix = f"conn={self.conn_id}" + (f" qid={qid}" if qid else "") + ": "
         extra = {"conn": self.conn_id, "qid": qid or None, "log_prefix": prefix}
         kwargs["extra"] = extra | dict(kwargs.get("extra") or {})
-        return f"{prefix}{msg}", kwargs
+        return msg, kwargs
 
 
 class MtaConnection:
@@ -165,6 +163,8 @@ class MtaConnection:
             max_body_buffer=config.max_body_buffer,
             max_header_buffer=config.max_header_buffer,
             max_headers=config.max_headers,
+            max_recipients=config.max_recipients,
+            max_recipient_buffer=config.max_recipient_buffer,
         )
         self.session = self.log.session = session
         self.log.debug("connected")
@@ -282,10 +282,9 @@ class MtaConnection:
                 await self._fail(session, f"no answer within {deadline_s:g}s", "timeout")
                 return
             except StreamFailure as exc:
-                if exc.code is grpc.StatusCode.FAILED_PRECONDITION:
+                if exc.refresh_capabilities:
                     self._capabilities.refresh_now()
-                cause = exc.cause or _CAUSES.get(exc.code, "stream_error")
-                await self._fail(session, str(exc), cause)
+                await self._fail(session, str(exc), exc.cause)
                 return
             if not await self._take_answer(session, response):
                 return

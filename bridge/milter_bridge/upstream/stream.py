@@ -15,10 +15,13 @@ Responses arrive as bytes and are parsed here: a reply that is not a
 ProcessResponse fails the stream with cause ``invalid_reply`` (grpc's own
 deserializer would log a traceback and hand ``read()`` a None).
 
+How a stream ended is read once, in ``status.classify`` (its table: status and
+circumstance -> cause, retry, refresh), from the status gRPC Core delivered
+(``first_status.StatusRecord``), not the ``INTERNAL`` grpc.aio may put over it.
 gRPC never retries a started stream. This one is reopened, and what was sent
-on it so far replayed (StreamStart.attempt counts up), when it fails with
-UNAVAILABLE before any reply was used, within the caller's deadline: with
-several replicas the new call may go to another one.
+on it so far replayed (StreamStart.attempt counts up), when the table allows a
+retry (UNAVAILABLE before any reply was used), within the caller's deadline:
+with several replicas the new call may go to another one.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from milter_bridge.upstream.channel import ProcessMethod
+from milter_bridge.upstream.first_status import StatusRecord
 from milter_bridge.upstream.security import Metadata, no_metadata
+from milter_bridge.upstream.status import Classification, classify
 from milter_bridge.v1 import policy_pb2 as pb
 
 OPEN_ATTEMPTS = 3
@@ -55,16 +60,22 @@ Tick = Callable[[], Awaitable[None]]
 class StreamFailure(Exception):
     """The stream broke or ended while an answer was awaited.
 
-    ``cause`` is set when the bridge itself knows it (e.g. ``invalid_reply``);
-    otherwise the caller classifies ``code``.
+    ``cause`` is the failure cause (a metrics label); ``refresh_capabilities``
+    says whether the policy's capabilities should be fetched again at once.
     """
 
     def __init__(
-        self, reason: str, code: grpc.StatusCode | None = None, cause: str | None = None
+        self,
+        reason: str,
+        cause: str = "stream_error",
+        *,
+        code: grpc.StatusCode | None = None,
+        refresh_capabilities: bool = False,
     ) -> None:
         super().__init__(reason)
         self.code = code
         self.cause = cause
+        self.refresh_capabilities = refresh_capabilities
 
 
 Call = grpc.aio.StreamStreamCall[pb.ProcessRequest, bytes]
@@ -117,9 +128,13 @@ class PolicyStream:
             None, wait_for_ready=True, metadata=self._metadata()
         )  # requests are written one by one
         self._call = call
-        self._reader = asyncio.create_task(self._read(call, self._queue), name="policy-reader")
+        # Made before anything is written (first_status.py).
+        status = StatusRecord(call)
+        self._reader = asyncio.create_task(
+            self._read(call, status, self._queue), name="policy-reader"
+        )
 
-    async def _read(self, call: Call, queue: asyncio.Queue[object]) -> None:
+    async def _read(self, call: Call, status: StatusRecord, queue: asyncio.Queue[object]) -> None:
         try:
             if self._on_replica is not None:
                 # Which replica took the stream, as it says in its response headers.
@@ -147,9 +162,10 @@ class PolicyStream:
                     continue
                 queue.put_nowait(response)
         except grpc.aio.AioRpcError as exc:
+            code, details = status.of(exc)
             if not self._cancelled:
-                self.failure = f"{exc.code().name}: {exc.details()}"
-            queue.put_nowait(exc)
+                self.failure = f"{code.name}: {details}"
+            queue.put_nowait((code, details))
         except asyncio.CancelledError:
             # The call was cancelled (by cancel()); the reader ends with it.
             queue.put_nowait(StreamFailure("the stream was cancelled"))
@@ -157,7 +173,7 @@ class PolicyStream:
     def _fail_call(self, call: Call, reason: str, cause: str) -> None:
         """The policy broke the protocol: the call is cancelled, the next receive() fails."""
         self.failure = reason
-        self._queue.put_nowait(StreamFailure(reason, cause=cause))
+        self._queue.put_nowait(StreamFailure(reason, cause))
         self._cancelled = True
         call.cancel()
 
@@ -223,14 +239,15 @@ class PolicyStream:
                 raise StreamFailure("the policy ended the stream without answering")
             if isinstance(item, StreamFailure):
                 raise item
-            assert isinstance(item, grpc.aio.AioRpcError)
-            code = item.code()
-            if code is grpc.StatusCode.UNAVAILABLE and await self._reopen(until):
+            assert isinstance(item, tuple)
+            code, details = item
+            meaning = classify(code, details, replied=self._replied)
+            if meaning.retry and await self._reopen(until):
                 continue
-            raise StreamFailure(f"stream failed: {code.name}: {item.details()}", code)
+            raise _failure(code, details, meaning)
 
     async def _reopen(self, until: float) -> bool:
-        if self._replied or self._sent is None or self._attempts >= OPEN_ATTEMPTS:
+        if self._sent is None or self._attempts >= OPEN_ATTEMPTS:
             return False
         self._log.info(
             "policy stream unavailable, opening it again (attempt %d)", self._attempts + 1
@@ -280,6 +297,15 @@ class PolicyStream:
         self._cancelled = True
         if self._call is not None:
             self._call.cancel()
+
+
+def _failure(code: grpc.StatusCode, details: str, meaning: Classification) -> StreamFailure:
+    return StreamFailure(
+        f"stream failed: {code.name}: {details}",
+        meaning.cause,
+        code=code,
+        refresh_capabilities=meaning.refresh_capabilities,
+    )
 
 
 REPLICA_HEADER = "milter-policy-replica"  # policy.proto: sent by a policy in its response headers
