@@ -83,14 +83,30 @@ class Context:
 
     @property
     def macros(self) -> dict[str, str]:
-        """The macros valid now, by name without braces (``j``, ``i``, ``auth_authen``)."""
+        """The macros valid now, by name without braces (``j``, ``i``, ``auth_authen``).
+
+        The bridge sends each event only its own stage's macros; this merges the
+        stages held, a later stage winning in session order (connect, helo,
+        mail_from, rcpt_to, data, end_of_headers, end_of_message). An event of a
+        stage replaces that stage's macros (also with none); connect, helo,
+        mail_from and rcpt_to drop the stages after theirs, as libmilter does; at
+        end of message the envelope's per-stage macros, when asked for, replace
+        the earlier stages. So, like libmilter's smfi_getsymval, it also finds
+        macros of earlier stages (unlike it, end_of_message wins over
+        end_of_headers).
+        """
         merged: dict[str, str] = {}
         for stage in _STAGES:  # later stages win
             merged.update(self._stages.get(stage, {}))
         return merged
 
     def macro(self, name: str, default: str | None = None) -> str | None:
-        """One macro; ``j`` and ``{j}`` are the same name."""
+        """One macro from ``macros`` (earlier stages too); ``j`` and ``{j}`` are the same name.
+
+        ``default`` when no stage held has it, e.g. when no event of its stage
+        reached this policy: name it in ``Policy(macros=...)`` for a stage the
+        policy receives, or get the envelope at end of message.
+        """
         bare = name[1:-1] if name.startswith("{") and name.endswith("}") else name
         return self.macros.get(bare, default)
 

@@ -140,6 +140,11 @@ async def test_policy_refuses_the_stream(caplog: pytest.LogCaptureFixture) -> No
         stack.policy.described.clear()
         assert await one_message(stack) == ([r.TempFail()], [])
         assert "FAILED_PRECONDITION" in caplog.text
+        # Counted as a refusal, even where grpc.aio reports it as INTERNAL (status.py).
+        refused = stack.bridge.metrics.registry.get_sample_value(
+            "milter_bridge_failure_actions_total", {"stage": "connect", "cause": "refused_stream"}
+        )
+        assert refused == 1
         await stack.policy.described.wait()  # the capabilities are fetched again at once
         await served_normally(stack)
 

@@ -416,8 +416,20 @@ class MacroRequest(_message.Message):
     ("j", "{j}", "daemon_name", "{daemon_name}" are all accepted). An empty
     list leaves the MTA's default set for that stage (Postfix: the
     milter_*_macros settings). A non-empty list is sent to the MTA as the
-    stage's macro list, replacing its default, when the MTA supports it
-    (SMFIF_SETSYMLIST, protocol version 6).
+    stage's macro list, replacing its default for this milter, when the MTA
+    supports it (SMFIF_SETSYMLIST, protocol version 6; Negotiated.macro_lists).
+
+    Macros come per stage: each event carries only the macros the MTA sent for
+    its own stage (ProcessRequest.macros), not those of earlier stages.
+
+    end_of_headers and end_of_message go to the MTA as a pair: when either list
+    is non-empty the bridge sends both, the other one with Sendmail's stock
+    default (end_of_message: "{msg_id}"; end_of_headers: empty), because
+    Sendmail uses a milter's end-of-message list only together with its
+    end-of-headers list. On Sendmail this milter's two lists then replace the
+    global Milter.macros.eoh and Milter.macros.eom; on Postfix a non-empty list
+    replaces milter_end_of_header_macros / milter_end_of_data_macros for this
+    milter and an empty one keeps Postfix's setting. See docs/operations.md.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -774,7 +786,10 @@ class MailFrom(_message.Message):
     """The exact bytes of `address`, only when they are not valid UTF-8."""
     @_builtins.property
     def esmtp_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """ESMTP arguments, e.g. "SIZE=1234", "BODY=8BITMIME", in order."""
+        """The ESMTP parameters that followed the address on the MAIL FROM line,
+        one string per parameter, in order: "MAIL FROM:<a@b> SIZE=100
+        BODY=8BITMIME" gives ["SIZE=100", "BODY=8BITMIME"]; none gives [].
+        """
 
     def __init__(
         self,
@@ -812,7 +827,10 @@ class RcptTo(_message.Message):
     """The exact bytes of `address`, only when they are not valid UTF-8."""
     @_builtins.property
     def esmtp_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """ESMTP arguments, e.g. "NOTIFY=NEVER", in order."""
+        """The ESMTP parameters that followed the address on the RCPT TO line, one
+        string per parameter, in order: "RCPT TO:<b@c> NOTIFY=NEVER
+        ORCPT=rfc822;b@c" gives ["NOTIFY=NEVER", "ORCPT=rfc822;b@c"].
+        """
 
     def __init__(
         self,
@@ -1205,9 +1223,13 @@ class ProcessRequest(_message.Message):
     """
     @_builtins.property
     def macros(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The macros the MTA sent for this event's stage, by name without braces.
-        `start`, header, body_chunk, unknown and abort have no stage of their own
-        and carry none.
+        """The macros the MTA sent for this event's stage, by name without braces:
+        those named for the stage in MacroRequest, or the MTA's own list for the
+        stage where the bridge sent none (see MacroRequest). Only this stage's:
+        macros of earlier stages are not repeated (libmilter's smfi_getsymval
+        also finds those of earlier stages; here keep them from the earlier
+        events, or read EndOfMessage.envelope.macros). `start`, header,
+        body_chunk, unknown and abort have no stage of their own and carry none.
         """
 
     @_builtins.property
@@ -1440,7 +1462,12 @@ class ChangeHeader(_message.Message):
     name: _builtins.str
     """The header name."""
     index: _builtins.int
-    """Which occurrence of that name, counting from 1 in the received message."""
+    """Which occurrence of that name, counting from 1 in the received message.
+    When the message has fewer occurrences, Postfix and Sendmail both append
+    the header as a new one instead (Sendmail: unless it generated a header of
+    that name itself, such as a Date: it added to a message without one; it
+    changes that one).
+    """
     value: _builtins.bytes
     """The new value (non-empty; use DeleteHeader to remove); as AddHeader.value."""
     def __init__(
@@ -1498,7 +1525,12 @@ class AddRecipient(_message.Message):
     """The address, normally in angle brackets."""
     @_builtins.property
     def esmtp_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """ESMTP arguments, e.g. "NOTIFY=NEVER"; needs Actions.add_recipient_with_args."""
+        """ESMTP parameters, as in RcptTo.esmtp_args: one string per parameter, e.g.
+        ["NOTIFY=NEVER", "ORCPT=rfc822;b@example.org"], each non-empty and without
+        spaces, tabs, CR, LF or NUL. The bridge joins them with single spaces into
+        the one argument string the milter protocol carries. Needs
+        Actions.add_recipient_with_args.
+        """
 
     def __init__(
         self,
@@ -1578,7 +1610,11 @@ class ChangeSender(_message.Message):
     """The new sender address, normally in angle brackets."""
     @_builtins.property
     def esmtp_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """ESMTP arguments, e.g. "SIZE=1234"."""
+        """ESMTP parameters, as in MailFrom.esmtp_args: one string per parameter,
+        e.g. ["RET=HDRS", "ENVID=x1"], each non-empty and without spaces, tabs,
+        CR, LF or NUL. The bridge joins them with single spaces into the one
+        argument string the milter protocol carries.
+        """
 
     def __init__(
         self,
