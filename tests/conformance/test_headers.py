@@ -51,6 +51,21 @@ CASES: dict[str, tuple[list[pb.Modification], Want]] = {
         [M(change_header=pb.ChangeHeader(name="X-Rep", index=2, value=b"new"))],
         lambda m: expected(m, XA, REP1, ("X-Rep", "new"), XB),
     ),
+    # An occurrence the message lacks: both MTAs add the header (policy.proto),
+    # Postfix at the end, Sendmail (headers.c addheader()) in front of the first
+    # header of that name, or at the end when there is none (next case).
+    "change-beyond-the-last": (
+        [M(change_header=pb.ChangeHeader(name="X-Rep", index=3, value=b"third"))],
+        lambda m: (
+            [*expected(m, XA, REP1, REP2, XB), ("X-Rep", "third")]
+            if m == "postfix"
+            else expected(m, XA, ("X-Rep", "third"), REP1, REP2, XB)
+        ),
+    ),
+    "change-absent-name": (
+        [M(change_header=pb.ChangeHeader(name="X-None", index=1, value=b"new"))],
+        lambda m: [*expected(m, XA, REP1, REP2, XB), ("X-None", "new")],
+    ),
     "delete-one": (
         [M(delete_header=pb.DeleteHeader(name="X-Rep", index=1))],
         lambda m: expected(m, XA, REP2, XB),

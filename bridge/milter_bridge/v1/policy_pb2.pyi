@@ -1463,10 +1463,11 @@ class ChangeHeader(_message.Message):
     """The header name."""
     index: _builtins.int
     """Which occurrence of that name, counting from 1 in the received message.
-    When the message has fewer occurrences, Postfix and Sendmail both append
-    the header as a new one instead (Sendmail: unless it generated a header of
-    that name itself, such as a Date: it added to a message without one; it
-    changes that one).
+    When the message has fewer occurrences, both MTAs add the header as a
+    new one instead: Postfix at the end of the header block, Sendmail in
+    front of the first header of that name, or at the end when there is none
+    (Sendmail changes a header of that name it generated itself instead, such
+    as a Date: it added to a message without one).
     """
     value: _builtins.bytes
     """The new value (non-empty; use DeleteHeader to remove); as AddHeader.value."""
