@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s %(line)s"
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
@@ -45,6 +46,12 @@ class PlainFormatter(logging.Formatter):
         # The connection's prefix (ConnectionLog) is a field, never part of the format.
         record.line = escape(getattr(record, "log_prefix", "") + record.getMessage())
         return super().format(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        # A traceback keeps its lines, each indented and escaped: none of them, an
+        # exception's message included, can pass for a log line of its own.
+        lines = super().formatException(ei).splitlines()
+        return "\n".join("  " + escape(line) for line in lines)
 
 
 # Fields a record may carry (set through ``extra``), in output order.

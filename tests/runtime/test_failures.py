@@ -308,6 +308,10 @@ async def test_policy_that_stops_reading_its_stream(caplog: pytest.LogCaptureFix
         # message's end gets the failure action without another attempt.
         assert await mta.command(*h.eom()) == [r.TempFail()]
         assert "the policy took no request for 0.3s" in caplog.text
+        timeouts = stack.bridge.metrics.registry.get_sample_value(
+            "milter_bridge_failure_actions_total", {"stage": "end_of_message", "cause": "timeout"}
+        )
+        assert timeouts == 1  # connected but stuck: not unreachable
         assert len(stack.policy.streams) == 1
         stack.policy.stop_reading.set()
         stack.policy.stop_reading = None

@@ -161,6 +161,7 @@ SPLITS = ["one-write", "per-packet", "per-byte"]
 async def test_after_a_failure_at_rcpt_no_request_of_the_message_reaches_a_stream(
     split: str, eom: int, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "milter_bridge")
     async with bridge_with(observed_content(eom)) as setup:
         policy, bridge = setup.policy, setup.bridge
         policy.decide = invalid_at_rcpt
@@ -172,6 +173,9 @@ async def test_after_a_failure_at_rcpt_no_request_of_the_message_reaches_a_strea
         await send_split(mta, [*h.content(), *h.eom()], split)
         # End of message: its failure action, or the bridge's own answer when observed.
         assert await mta.reply() == [r.TempFail() if eom == h.DECIDE else r.Continue()]
+        if eom == h.DECIDE:  # its log line: the policy was not asked, it took no time
+            (ended,) = [x for x in caplog.records if x.getMessage().startswith("end of message")]
+            assert ended.getMessage().startswith("end of message: tempfail (policy 0.0 ms"), ended
         # The next message is the barrier: its MAIL is answered by the policy.
         await send_split(mta, [cmd.Abort(), *h.mail()], split)
         assert await mta.reply() == [r.Continue()]
@@ -264,7 +268,10 @@ async def test_with_the_policy_down_each_stage_is_answered_by_its_own_deadline(
         commands = h.mail() if stage is Stage.MAIL else h.rcpt()
         replies = await asyncio.wait_for(mta.command(*commands), LONG / 100)
         assert replies == [r.TempFail()]
-        assert failure_actions(setup.bridge, stage.value, "timeout") == 1
+        # Down, not stuck: the channel is not connected (a stuck policy is a timeout,
+        # test_failures.py::test_policy_that_stops_reading_its_stream).
+        assert failure_actions(setup.bridge, stage.value, "unreachable") == 1
+        assert "the policy could not be reached within 0.3s" in caplog.text
     assert no_errors(caplog) == []
 
 

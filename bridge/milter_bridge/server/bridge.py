@@ -20,6 +20,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from milter_bridge.config import Config, ListenKind
@@ -136,6 +137,10 @@ class Bridge:
             path.chmod(self.config.socket_mode)
         return server
 
+    def _channel_ready(self) -> bool:
+        """Whether the channel to the policy is connected (tells unreachable from stuck)."""
+        return self.channel.get_state() is grpc.ChannelConnectivity.READY
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_id = f"{self._prefix}.{next(self._ids)}"
         if self._stopping or len(self._tasks) >= self.config.max_connections:
@@ -162,6 +167,7 @@ class Bridge:
                 self.process,
                 self.metrics,
                 self.metadata,
+                self._channel_ready,
             )
             await connection.run()
         except asyncio.CancelledError:

@@ -87,8 +87,10 @@ class MtaConnection:
         process: ProcessMethod,
         metrics: Metrics,
         metadata: Callable[[], Metadata] = no_metadata,
+        channel_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.conn_id = conn_id
+        self._channel_ready = channel_ready
         self._metadata = metadata
         self._metrics = metrics
         # When the current message began (first bytes read after the last one ended).
@@ -240,9 +242,17 @@ class MtaConnection:
             # The stage's deadline covers opening the stream, the event and the answer.
             self._decision_started = started
         if not await self._stream.send(request, started + timeout):
-            reason = f"the policy took no request for {timeout:g}s"
+            # wait_for_ready: a policy that cannot be reached is waited for until the
+            # deadline; one that is connected but does not read its stream is stuck.
+            if self._channel_ready():
+                reason, cause = f"the policy took no request for {timeout:g}s", "timeout"
+            else:
+                reason, cause = (
+                    f"the policy could not be reached within {timeout:g}s",
+                    "unreachable",
+                )
             self.log.warning("%s: cancelling its stream", reason)
-            self._drop_stream(session, reason, "timeout")
+            self._drop_stream(session, reason, cause)
 
     def _deadline(self, stage: Stage) -> float:
         # ABORT is only observed: it is handed over within the connect stage's deadline.
@@ -271,6 +281,7 @@ class MtaConnection:
         if failure is not None or stream is None:
             # Nothing was sent: no capabilities known, or the policy failed on this message.
             reason, cause = failure or ("the policy stream is gone", "stream_error")
+            self._decision_started = asyncio.get_running_loop().time()  # the policy took 0 ms
             await self._fail(session, reason, cause)
             return
         deadline_s = self._config.deadlines[pending.stage]

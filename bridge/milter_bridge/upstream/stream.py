@@ -27,6 +27,7 @@ with several replicas the new call may go to another one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from milter_bridge.upstream.channel import ProcessMethod
+from milter_bridge.upstream.channel import MAX_ANSWER_SIZE, ProcessMethod
 from milter_bridge.upstream.first_status import StatusRecord
 from milter_bridge.upstream.security import Metadata, no_metadata
 from milter_bridge.upstream.status import Classification, classify
@@ -46,8 +47,10 @@ OPEN_ATTEMPTS = 3
 # Requests kept for a replay; a stream that sent more before its first reply is not replayed.
 REPLAY_LIMIT = 1 << 20
 CLOSE_TIMEOUT = 5.0
-# Responses nobody has asked for yet; a policy sending more is broken (memory stays bounded).
+# Responses nobody has asked for yet, and their bytes; a policy sending more is
+# broken (memory per connection stays bounded: one answer may be MAX_ANSWER_SIZE).
 MAX_UNREAD_RESPONSES = 64
+MAX_UNREAD_BYTES = MAX_ANSWER_SIZE
 
 _END = object()
 # grpc.aio.EOF, which grpc-stubs does not declare.
@@ -113,6 +116,8 @@ class PolicyStream:
         self._call: Call | None = None
         self._reader: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._unread_sizes: collections.deque[int] = collections.deque()  # of queued responses
+        self._unread_bytes = 0
         self._sent: list[pb.ProcessRequest] | None = []  # None: too much to replay
         self._sent_bytes = 0
         self._replied = False
@@ -123,6 +128,8 @@ class PolicyStream:
     def _open(self) -> None:
         self._attempts += 1
         self._queue = asyncio.Queue()
+        self._unread_sizes.clear()
+        self._unread_bytes = 0
         # wait_for_ready: a restarting policy is waited for; the caller's deadline bounds it.
         call = self._process(
             None, wait_for_ready=True, metadata=self._metadata()
@@ -141,17 +148,24 @@ class PolicyStream:
                 headers = await call.initial_metadata()
                 self._on_replica(replica_of(headers))
             while True:
-                data = await call.read()
-                if data is _EOF:
+                read = await call.read()
+                if read is _EOF:
                     queue.put_nowait(_END)
                     return
-                if queue.qsize() >= MAX_UNREAD_RESPONSES:
-                    unasked = f"the policy sent over {MAX_UNREAD_RESPONSES} unasked responses"
+                data = bytes(read)  # type: ignore[call-overload]  # no deserializer: bytes
+                if (
+                    queue.qsize() >= MAX_UNREAD_RESPONSES
+                    or self._unread_bytes + len(data) > MAX_UNREAD_BYTES
+                ):
+                    unasked = (
+                        f"the policy sent over {MAX_UNREAD_RESPONSES} unasked responses"
+                        f" or {MAX_UNREAD_BYTES >> 20} MiB of them"
+                    )
                     self._fail_call(call, unasked, "invalid_reply")
                     return
                 try:
-                    response = pb.ProcessResponse.FromString(data)  # type: ignore[arg-type]
-                except (DecodeError, TypeError) as exc:
+                    response = pb.ProcessResponse.FromString(data)
+                except DecodeError as exc:
                     invalid = f"the policy's reply is not a ProcessResponse ({exc})"
                     self._fail_call(call, invalid, "invalid_reply")
                     return
@@ -160,6 +174,8 @@ class PolicyStream:
                     # before: dropped, so that a policy flooding progress neither fills
                     # the queue nor the MTA's socket (the connection also rate-limits).
                     continue
+                self._unread_sizes.append(len(data))
+                self._unread_bytes += len(data)
                 queue.put_nowait(response)
         except grpc.aio.AioRpcError as exc:
             code, details = status.of(exc)
@@ -232,6 +248,7 @@ class PolicyStream:
             else:
                 item = self._queue.get_nowait()
             if isinstance(item, pb.ProcessResponse):
+                self._unread_bytes -= self._unread_sizes.popleft()
                 self._replied = True
                 self._sent = None
                 return item
