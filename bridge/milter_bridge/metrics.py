@@ -20,11 +20,15 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4  # what genera
 
 # Why a failure action was applied (failure_actions_total{cause}).
 CAUSES = (
-    "unreachable",  # no capabilities known, or no stream could be opened
-    "timeout",  # no answer within the stage's deadline
-    "stream_error",  # the stream broke or ended before the answer
+    # no capabilities known; the channel not connected when a request was due;
+    # UNAVAILABLE (a replica gone) not recovered by reopening the stream
+    "unreachable",
+    "timeout",  # no answer, or the request not taken, within the stage's deadline
+    "stream_error",  # the stream broke or ended before the answer (upstream/status.py)
     "refused_stream",  # the policy refused the stream (FAILED_PRECONDITION)
-    "invalid_reply",  # an answer the session refused (wrong stage, sequence, syntax)
+    # an answer the session refused (wrong stage, sequence, syntax), bytes that are
+    # not a ProcessResponse, or more unread answers than a stream may hold
+    "invalid_reply",
     "refused_modification",  # a modification not negotiated or not valid
 )
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
