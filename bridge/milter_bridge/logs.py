@@ -71,7 +71,7 @@ class JsonFormatter(logging.Formatter):
             if value is not None:
                 out[name] = escape(value) if isinstance(value, str) else value
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = escape(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
 
 

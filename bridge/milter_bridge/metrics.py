@@ -62,7 +62,7 @@ class Metrics:
         )
         self.policy_latency = Histogram(
             p + "policy_latency_seconds",
-            "From handing an event to the policy to its answer",
+            "From reading the MTA's command to the policy's answer (opening the stream included)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -212,3 +212,20 @@ def test_failure_action_at_every_stage(stage: Stage, action: FailureAction) -> N
     assert mta.fail(action) == [expected]
     assert mta.session.pending is None
     assert mta.fail(action) == []  # nothing left to fail
+
+
+def test_what_an_invalid_answer_quotes_is_bounded() -> None:
+    # Failure lines quote the answer; an answer may be megabytes (a policy's bug).
+    mta = at(Stage.EOM)
+    huge = pb.AddHeader(name="X-Big", value=b"\x01" * (1 << 20))
+    eom = pb.EndOfMessageResponse(verdict=pb.Verdict(action=pb.ACTION_CONTINUE))
+    eom.modifications.add(add_header=huge)
+    with pytest.raises(InvalidAnswer) as caught:
+        mta.answer(pb.ProcessResponse(sequence=mta.pending_sequence(), end_of_message=eom))
+    assert "(1048576 in all)" in str(caught.value)
+    assert len(str(caught.value)) < 600
+    bad = pb.SmtpReply(code=550, lines=["x\n" * 100_000])
+    mta = at(Stage.MAIL)
+    with pytest.raises(InvalidAnswer) as caught:
+        mta.verdict(pb.ACTION_REJECT, code=bad.code, lines=list(bad.lines))
+    assert len(str(caught.value)) < 600

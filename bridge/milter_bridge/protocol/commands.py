@@ -13,6 +13,7 @@ from typing import ClassVar, Self
 
 from milter_bridge.protocol import constants as c
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
+from milter_bridge.protocol.errors import quoted
 from milter_bridge.protocol.wire import Reader, cstr, u16, u32
 
 
@@ -58,7 +59,7 @@ class DefineMacro:
         stage = r.byte()
         items = r.cstrs()
         if len(items) % 2:
-            raise r.error(f"name {items[-1]!r} without a value")
+            raise r.error(f"name {quoted(items[-1])} without a value")
         return cls(stage, tuple(zip(items[::2], items[1::2], strict=True)))
 
 

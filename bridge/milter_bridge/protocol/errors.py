@@ -39,3 +39,17 @@ class InvalidAnswer(MilterError):
 
 class InvalidModification(InvalidAnswer):
     """A modification that was not negotiated or is not valid (e.g. CR/LF in a header)."""
+
+
+QUOTE_LIMIT = 80
+
+
+def quoted(value: str | bytes, limit: int = QUOTE_LIMIT) -> str:
+    """``value`` for an error message: its repr, cut at ``limit`` characters or bytes.
+
+    Error messages end up in log lines; what the MTA or a policy sent may be
+    megabytes long.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} in all)"

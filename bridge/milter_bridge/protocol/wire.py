@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from milter_bridge.protocol.errors import MalformedPacket
+from milter_bridge.protocol.errors import MalformedPacket, quoted
 
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
@@ -25,7 +25,7 @@ def u16(value: int) -> bytes:
 def cstr(value: bytes) -> bytes:
     """One C string; a NUL inside would split the field, so it is refused."""
     if b"\0" in value:
-        msg = f"NUL byte inside a milter string field: {value!r}"
+        msg = f"NUL byte inside a milter string field: {quoted(value)}"
         raise ValueError(msg)
     return value + b"\0"
 

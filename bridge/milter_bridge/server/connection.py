@@ -33,6 +33,7 @@ from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification, Pr
 from milter_bridge.session import (
     EndPolicyStream,
     Output,
+    Pending,
     Plan,
     ProgressToMta,
     SendToMta,
@@ -104,6 +105,7 @@ class MtaConnection:
         self._stream: PolicyStream | None = None
         self._stream_id = 0  # the session's number of self._stream
         self._decision_started = 0.0
+        self._asked: Pending | None = None  # the last event handed over for an answer
         self._last_progress = -math.inf  # when the MTA last got SMFIR_PROGRESS
         self._closing: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
@@ -241,6 +243,7 @@ class MtaConnection:
         if request.reply_expected:
             # The stage's deadline covers opening the stream, the event and the answer.
             self._decision_started = started
+            self._asked = session.pending
         if not await self._stream.send(request, started + timeout):
             # wait_for_ready: a policy that cannot be reached is waited for until the
             # deadline; one that is connected but does not read its stream is stuck.
@@ -281,7 +284,6 @@ class MtaConnection:
         if failure is not None or stream is None:
             # Nothing was sent: no capabilities known, or the policy failed on this message.
             reason, cause = failure or ("the policy stream is gone", "stream_error")
-            self._decision_started = asyncio.get_running_loop().time()  # the policy took 0 ms
             await self._fail(session, reason, cause)
             return
         deadline_s = self._config.deadlines[pending.stage]
@@ -338,13 +340,14 @@ class MtaConnection:
                 extra={"stage": stage.value, "verdict": action, "latency_ms": latency_ms},
             )
 
-    def _policy_ms(self, now: float) -> float:
-        """Milliseconds since the pending event was handed to the policy (for log lines)."""
-        return round((now - self._decision_started) * 1000, 1)
+    def _policy_ms(self, now: float, *, asked: bool = True) -> float:
+        """Milliseconds since the pending event was handed to the policy (for log lines);
+        0 when it never was (the policy failed earlier in the message)."""
+        return round((now - self._decision_started) * 1000, 1) if asked else 0.0
 
-    def _message_ended(self, verdict: str, now: float) -> None:
+    def _message_ended(self, verdict: str, now: float, *, asked: bool = True) -> None:
         self._metrics.messages.labels(verdict).inc()
-        latency_ms = self._policy_ms(now)
+        latency_ms = self._policy_ms(now, asked=asked)
         message_ms = None
         if self._message_started is not None:
             self._metrics.message_duration.observe(now - self._message_started)
@@ -365,7 +368,8 @@ class MtaConnection:
         action = self._config.failure_actions[pending.stage]
         self._metrics.failure_actions.labels(pending.stage.value, cause).inc()
         if pending.stage is Stage.EOM:
-            self._message_ended(action.name.lower(), asyncio.get_running_loop().time())
+            now = asyncio.get_running_loop().time()
+            self._message_ended(action.name.lower(), now, asked=self._asked is pending)
         self.log.warning(
             "policy failure at %s: %s; answering %s",
             pending.stage.value,

@@ -27,7 +27,7 @@ import re
 
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import MILTER_CHUNK_SIZE, ActionFlag
-from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification
+from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification, quoted
 from milter_bridge.session.plan import Stage
 from milter_bridge.v1 import policy_pb2 as pb
 
@@ -64,16 +64,16 @@ def format_reply(stage: Stage, reply: pb.SmtpReply, klass: str) -> bytes:
         raise _fail(stage, f"reply code {reply.code} is not a {klass}xx code (needed by {verdict})")
     xcode = reply.enhanced_code
     if xcode and not (_ENHANCED.fullmatch(xcode) and xcode[0] == klass):
-        raise _fail(stage, f"enhanced code {xcode!r} is not {klass}.x.y matching {code}")
+        raise _fail(stage, f"enhanced code {quoted(xcode)} is not {klass}.x.y matching {code}")
     lines = list(reply.lines)
     if not 1 <= len(lines) <= MAX_REPLY_LINES:
         raise _fail(stage, f"a reply needs 1 to {MAX_REPLY_LINES} lines, not {len(lines)}")
     out = []
     for n, line in enumerate(lines):
         if any(ch in line for ch in "\r\n\0"):
-            raise _fail(stage, f"reply line {n + 1} contains CR, LF or NUL: {line!r}")
+            raise _fail(stage, f"reply line {n + 1} contains CR, LF or NUL: {quoted(line)}")
         if not _REPLY_TEXT.fullmatch(line):
-            raise _fail(stage, f"reply line {n + 1} is not printable US-ASCII: {line!r}")
+            raise _fail(stage, f"reply line {n + 1} is not printable US-ASCII: {quoted(line)}")
         if not xcode and line[:1].isdigit():
             # Postfix reads a digit after the code as an enhanced code whose class must
             # match, and drops the milter over a mismatch.
@@ -121,10 +121,12 @@ def header_value(stage: Stage, value: bytes) -> bytes:
     """A header value as milter wants it: folds as LF + whitespace, no other CR or LF."""
     value = value.replace(b"\r\n", b"\n")
     if b"\0" in value or _FOLD.search(value) or value.startswith(b"\n"):
-        raise _bad_mod(stage, f"header value has NUL or a CR/LF that does not fold: {value[:80]!r}")
+        raise _bad_mod(
+            stage, f"header value has NUL or a CR/LF that does not fold: {quoted(value)}"
+        )
     if _CONTROL.search(value) or _EMPTY_FOLD.search(value):
         raise _bad_mod(
-            stage, f"header value has control characters or an empty folded line: {value[:80]!r}"
+            stage, f"header value has control characters or an empty folded line: {quoted(value)}"
         )
     if len(value) > MAX_HEADER_VALUE:
         raise _bad_mod(stage, f"header value of {len(value)} bytes exceeds {MAX_HEADER_VALUE}")
@@ -133,7 +135,7 @@ def header_value(stage: Stage, value: bytes) -> bytes:
 
 def header_name(stage: Stage, name: str) -> bytes:
     if not _HEADER_NAME.fullmatch(name) or len(name) > MAX_HEADER_NAME:
-        raise _bad_mod(stage, f"{name!r} is not a header name (printable ASCII without ':')")
+        raise _bad_mod(stage, f"{quoted(name)} is not a header name (printable ASCII without ':')")
     return name.encode()
 
 
@@ -143,7 +145,7 @@ def _token(stage: Stage, what: str, text: str, *, spaces: bool = True) -> bytes:
     bad = "\0\r\n" if spaces else "\0\r\n \t"
     if not data or any(ch in text for ch in bad) or len(data) > MAX_ADDRESS:
         raise _bad_mod(
-            stage, f"{what} {text!r} is empty, too long or contains forbidden characters"
+            stage, f"{what} {quoted(text)} is empty, too long or contains forbidden characters"
         )
     return data
 
