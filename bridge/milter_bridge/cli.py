@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from milter_bridge import __version__, logs, probe
 from milter_bridge.config import Config, ConfigError, warnings_for
 from milter_bridge.embedded import EMBEDDED, embedded_policy
+from milter_bridge.load import command as load_command
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
 from milter_bridge.server.bridge import StartError, serve
@@ -75,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "Every setting can also come from the environment (MILTER_BRIDGE_LISTEN, ...) or a"
             " TOML file (--config); a flag wins over the environment, which wins over the file."
-            " Subcommands: probe --connect SPEC; check-config [settings]."
+            " Subcommands: probe --connect SPEC; check-config [settings]; load TARGET (load and"
+            " check any milter as Postfix would, see load --help)."
         ),
         description="Speaks milter to Postfix and Sendmail, forwards SMTP events to gRPC policies.",
     )
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one exit per 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["probe"]:
         return probe.main(argv[1:])
+    if argv[:1] == ["load"]:
+        return load_command.main(argv[1:])
     if argv[:1] == ["check-config"]:
         return check_config(argv[1:])
     args = _parser().parse_args(argv)

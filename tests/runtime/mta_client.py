@@ -5,23 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from milter_bridge.load.verdicts import FINAL
 from milter_bridge.protocol import ReplyDecoder, encode, encode_all
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.commands import MtaCommand
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
-
-# Replies that end the MTA's wait for one command (PROGRESS and modifications do not).
-FINAL = (
-    r.Continue,
-    r.Accept,
-    r.Reject,
-    r.TempFail,
-    r.Discard,
-    r.Skip,
-    r.ReplyCode,
-    r.OptionNegotiationReply,
-)
 
 
 class MtaClient:
