@@ -1,0 +1,117 @@
+"""The fault matrix's world: policy processes and the bridge as a process, all real.
+
+A case starts what it needs, loads it with the project's own load tool
+(``milter_bridge.load``), injects its fault from outside (signals, kills) and
+checks what the MTA side got. The policy path under test is the one a user runs:
+``bench/sdk_policy.py`` (an SDK policy deciding at end of message) in its own
+process, behind ``python -m milter_bridge``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from fractions import Fraction
+from pathlib import Path
+
+from milter_bridge.load import LoadConfig, Report, Shape, run
+from tests.runtime.process import BridgeProcess
+
+ROOT = Path(__file__).resolve().parents[2]  # bench/ is a package at the top
+MARKER = "REJECT"
+SHARE = Fraction(1, 10)
+
+
+class PolicyProcess:
+    """``python -m bench.sdk_policy unix:PATH REJECT``: adds X-Bench: 1, or rejects marked."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.log_path = socket_path.with_suffix(".log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    async def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.sdk_policy", self.target, MARKER],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        for _ in range(1000):  # readiness: its socket accepts connections
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_unix_connection(str(self.socket_path))
+                writer.close()
+                await writer.wait_closed()
+                return
+            await asyncio.sleep(0.02)
+        msg = f"policy did not start: {self.log_path.read_text()}"
+        raise RuntimeError(msg)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot end otherwise
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 15)
+            except TimeoutError:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    tmp_path: Path, *bridge_flags: str
+) -> AsyncIterator[tuple[PolicyProcess, BridgeProcess]]:
+    policy = PolicyProcess(tmp_path / "policy.sock")
+    await policy.start()
+    bridge = BridgeProcess(tmp_path / "bridge.sock", policy.target, *bridge_flags)
+    try:
+        await bridge.start()
+        yield policy, bridge
+    finally:
+        await bridge.stop()
+        await policy.stop()
+
+
+async def load(bridge: BridgeProcess, count: int, concurrency: int = 8) -> Report:
+    config = LoadConfig(
+        f"unix:{bridge.socket_path}",
+        count=count,
+        concurrency=concurrency,
+        shape=Shape(marker_share=SHARE, marker=MARKER),
+    )
+    return await run(config)
+
+
+def answered_by_the_policy(report: Report) -> bool:
+    """Every message answered, each with the policy's own verdict."""
+    marked = report.messages // 10  # the load tool marks every 10th, exactly
+    return report.ok and report.outcomes == {
+        "eom continue": report.messages - marked,
+        "eom reject 550": marked,
+    }
+
+
+async def fds_settle(bridge: BridgeProcess, baseline: int, timeout: float = 20.0) -> int:
+    """The bridge's open descriptors once they are back within baseline + 1 (the
+    connections' policy streams close up to 10 s after QUIT), or as they are then."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + timeout
+    while (fds := bridge.open_fds()) > baseline + 1 and loop.time() < until:
+        await asyncio.sleep(0.1)
+    return fds
