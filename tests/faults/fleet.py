@@ -39,7 +39,7 @@ class PolicyProcess:
         return f"unix:{self.socket_path}"
 
     async def start(self) -> None:
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.sdk_policy", self.target, MARKER],
                 stdout=log,
@@ -57,6 +57,12 @@ class PolicyProcess:
             await asyncio.sleep(0.02)
         msg = f"policy did not start: {self.log_path.read_text()}"
         raise RuntimeError(msg)
+
+    async def restart(self) -> None:
+        """Started again on the same socket, after the old process is gone."""
+        assert self.proc is not None
+        await asyncio.to_thread(self.proc.wait)
+        await self.start()
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

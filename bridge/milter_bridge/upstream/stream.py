@@ -55,7 +55,15 @@ MAX_UNREAD_BYTES = MAX_ANSWER_SIZE
 _END = object()
 # grpc.aio.EOF, which grpc-stubs does not declare.
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
-_CALL_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+# What a write or half-close on a call that already ended raises: besides the RPC's
+# error, grpc.aio's InternalError (ExecuteBatchError when Core refuses the batch,
+# seen when the policy's process was killed while streams were being closed).
+_CALL_ERRORS = (
+    grpc.aio.AioRpcError,
+    grpc.aio.UsageError,
+    grpc.aio.InternalError,
+    asyncio.InvalidStateError,
+)
 
 Tick = Callable[[], Awaitable[None]]
 
