@@ -229,3 +229,10 @@ def test_what_an_invalid_answer_quotes_is_bounded() -> None:
     with pytest.raises(InvalidAnswer) as caught:
         mta.verdict(pb.ACTION_REJECT, code=bad.code, lines=list(bad.lines))
     assert len(str(caught.value)) < 600
+
+
+def test_an_action_the_enum_does_not_name_is_refused_with_a_reply_too() -> None:
+    # Found by fuzzing (fuzz/regressions/session_answer/unnamed-action-with-reply).
+    mta = at(Stage.MAIL)
+    with pytest.raises(InvalidAnswer, match="not 10"):
+        mta.verdict(10, code=550, lines=["no"])

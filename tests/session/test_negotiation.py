@@ -239,6 +239,8 @@ def test_never_more_than_offered(
         (capabilities(body=OBSERVE, body_delivery=pb.BODY_DELIVERY_NONE), "events.body"),
         (capabilities(body_delivery=pb.BODY_DELIVERY_STREAM), "events.body"),
         (capabilities(body_delivery=0), "body_delivery"),
+        # Proto3 enums are open: a number the enum does not name is refused too.
+        (capabilities(body_delivery=9), "body_delivery is 9; set NONE"),
         (capabilities(body_delivery=pb.BODY_DELIVERY_BUFFERED), "end_of_message is SKIP"),
         (capabilities(end_of_message=OBSERVE, actions=ALL_ACTIONS), "actions need"),
         (

@@ -28,7 +28,7 @@ import re
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import MILTER_CHUNK_SIZE, ActionFlag
 from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification, quoted
-from milter_bridge.session.plan import Stage
+from milter_bridge.session.plan import Stage, enum_name
 from milter_bridge.v1 import policy_pb2 as pb
 
 MAX_REPLY_LINES = 32  # libmilter MAXREPLIES
@@ -91,7 +91,7 @@ def verdict_replies(stage: Stage, verdict: pb.Verdict, *, skip: bool) -> list[r.
     """The reply packet for a verdict at ``stage``; ``skip``: SMFIP_SKIP was negotiated."""
     action = verdict.action
     if verdict.HasField("reply") and action not in (pb.ACTION_REJECT, pb.ACTION_TEMPFAIL):
-        name = pb.Action.Name(action)
+        name = enum_name(pb.Action.DESCRIPTOR, action)
         raise _fail(stage, f"a custom reply goes with REJECT or TEMPFAIL, not {name}")
     if action == pb.ACTION_CONTINUE:
         return [r.Continue()]

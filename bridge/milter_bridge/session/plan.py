@@ -11,9 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from milter_bridge.protocol.constants import ActionFlag, MacroStage
 from milter_bridge.v1 import policy_pb2 as pb
+
+if TYPE_CHECKING:
+    from google.protobuf.descriptor import EnumDescriptor
+
+
+def enum_name(enum: EnumDescriptor, value: int) -> str:
+    """The name of ``value`` in a proto enum, or the number itself: proto3 enums are
+    open, so a policy may send a number the enum does not name (``Name`` raises then)."""
+    named = enum.values_by_number.get(value)
+    return str(value) if named is None else named.name
+
 
 DEFAULT_BODY_LIMIT = 1 << 20
 
@@ -166,7 +178,8 @@ class Plan:
             modes[Stage.EOH] = strongest
             modes[Stage.HEADER] = Mode.SKIP
         if caps.body_delivery not in Body._value2member_map_:
-            msg = f"body_delivery is {pb.BodyDelivery.Name(caps.body_delivery)}; set NONE, STREAM or BUFFERED"  # noqa: E501
+            delivery = enum_name(pb.BodyDelivery.DESCRIPTOR, caps.body_delivery)
+            msg = f"body_delivery is {delivery}; set NONE, STREAM or BUFFERED"
             raise InvalidCapabilitiesError(msg)
         body = Body(caps.body_delivery)
         if (body is Body.STREAM) != (modes[Stage.BODY] is not Mode.SKIP):
