@@ -121,3 +121,15 @@ async def fds_settle(bridge: BridgeProcess, baseline: int, timeout: float = 20.0
     while (fds := bridge.open_fds()) > baseline + 1 and loop.time() < until:
         await asyncio.sleep(0.1)
     return fds
+
+
+def messages_ended(bridge: BridgeProcess) -> int:
+    """How many messages the bridge has logged as ended (one INFO line each)."""
+    return bridge.log().count(" end of message: ")
+
+
+async def until_messages_ended(bridge: BridgeProcess, at_least: int) -> None:
+    """Readiness: the bridge's log shows ``at_least`` ended messages."""
+    async with asyncio.timeout(60):
+        while messages_ended(bridge) < at_least:
+            await asyncio.sleep(0.02)

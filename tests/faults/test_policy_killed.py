@@ -15,7 +15,14 @@ import signal
 from pathlib import Path
 
 from milter_bridge.load import Report
-from tests.faults.fleet import answered_by_the_policy, fds_settle, fleet, load
+from tests.faults.fleet import (
+    answered_by_the_policy,
+    fds_settle,
+    fleet,
+    load,
+    messages_ended,
+    until_messages_ended,
+)
 from tests.runtime.process import BridgeProcess
 
 DEADLINE = 5.0
@@ -43,7 +50,8 @@ async def test_only_replica_killed_and_back_within_the_deadline(tmp_path: Path) 
         assert answered_by_the_policy(await load(bridge, 20))
         baseline = await fds_settle(bridge, bridge.open_fds())
         running = asyncio.create_task(load(bridge, COUNT))
-        await asyncio.sleep(0.5)  # where in the load the fault lands; nothing is proven by it
+        # The fault lands in the middle of the load: once 50 of its messages have ended.
+        await until_messages_ended(bridge, messages_ended(bridge) + 50)
         policy.signal(signal.SIGKILL)
         await policy.restart()
         report = await running
