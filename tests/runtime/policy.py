@@ -125,3 +125,36 @@ class PolicyServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+def _serialize(message: object) -> bytes:
+    # Bytes as they are: how a policy sends something that is not a ProcessResponse.
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()  # type: ignore[attr-defined,no-any-return]
+
+
+class RawPolicyServer(PolicyServer):
+    """A ScriptedPolicy whose answers may also be raw bytes."""
+
+    async def start(self, port: int = 0) -> None:
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        policy = self.policy
+        handlers = {
+            "Describe": grpc.unary_unary_rpc_method_handler(
+                policy.Describe,
+                request_deserializer=pb.DescribeRequest.FromString,
+                response_serializer=pb.DescribeResponse.SerializeToString,
+            ),
+            "Process": grpc.stream_stream_rpc_method_handler(
+                policy.Process,
+                request_deserializer=pb.ProcessRequest.FromString,
+                response_serializer=_serialize,
+            ),
+        }
+        service = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, handlers),)
+        )
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port or self.port}")
+        await self._server.start()

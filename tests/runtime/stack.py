@@ -69,3 +69,11 @@ async def running(
             await client.close()
         await bridge.stop()
         await server.stop()
+
+
+def failure_actions(bridge: Bridge, stage: str, cause: str) -> float:
+    """failure_actions_total{stage, cause} of a bridge in this process."""
+    value = bridge.metrics.registry.get_sample_value(
+        "milter_bridge_failure_actions_total", {"stage": stage, "cause": cause}
+    )
+    return value or 0.0

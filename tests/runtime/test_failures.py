@@ -17,7 +17,7 @@ from milter_bridge.protocol import replies as r
 from milter_bridge.session import FailureAction, Stage
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.runtime.policy import always_continue, verdict
-from tests.runtime.stack import Stack, running
+from tests.runtime.stack import Stack, failure_actions, running
 from tests.session import harness as h
 
 CONNECT_AND_EOM = h.capabilities(
@@ -141,10 +141,7 @@ async def test_policy_refuses_the_stream(caplog: pytest.LogCaptureFixture) -> No
         assert await one_message(stack) == ([r.TempFail()], [])
         assert "FAILED_PRECONDITION" in caplog.text
         # Counted as a refusal, even where grpc.aio reports it as INTERNAL (status.py).
-        refused = stack.bridge.metrics.registry.get_sample_value(
-            "milter_bridge_failure_actions_total", {"stage": "connect", "cause": "refused_stream"}
-        )
-        assert refused == 1
+        assert failure_actions(stack.bridge, "connect", "refused_stream") == 1
         await stack.policy.described.wait()  # the capabilities are fetched again at once
         await served_normally(stack)
 
@@ -308,10 +305,8 @@ async def test_policy_that_stops_reading_its_stream(caplog: pytest.LogCaptureFix
         # message's end gets the failure action without another attempt.
         assert await mta.command(*h.eom()) == [r.TempFail()]
         assert "the policy took no request for 0.3s" in caplog.text
-        timeouts = stack.bridge.metrics.registry.get_sample_value(
-            "milter_bridge_failure_actions_total", {"stage": "end_of_message", "cause": "timeout"}
-        )
-        assert timeouts == 1  # connected but stuck: not unreachable
+        # Connected but stuck: not unreachable.
+        assert failure_actions(stack.bridge, "end_of_message", "timeout") == 1
         assert len(stack.policy.streams) == 1
         stack.policy.stop_reading.set()
         stack.policy.stop_reading = None

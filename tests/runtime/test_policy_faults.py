@@ -13,8 +13,6 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import grpc
-import grpc.aio
 import pytest
 
 from milter_bridge.protocol import commands as cmd
@@ -25,7 +23,8 @@ from milter_bridge.server.connection import PROGRESS_GAP
 from milter_bridge.session import FailureAction, Stage
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.runtime.mta_client import MtaClient
-from tests.runtime.policy import PolicyServer, ScriptedPolicy, verdict
+from tests.runtime.policy import RawPolicyServer, ScriptedPolicy, verdict
+from tests.runtime.stack import failure_actions
 from tests.runtime.stack import test_config as bridge_config
 from tests.session import harness as h
 
@@ -33,39 +32,6 @@ from tests.session import harness as h
 # only so that a bridge that waits for another stage's deadline fails clearly.
 LONG = 3600.0
 NOT_A_PROCESS_RESPONSE = b"\xff\xff\xff\xff"
-
-
-def _serialize(message: object) -> bytes:
-    # Bytes as they are: how a policy sends something that is not a ProcessResponse.
-    if isinstance(message, bytes):
-        return message
-    return message.SerializeToString()  # type: ignore[attr-defined,no-any-return]
-
-
-class RawPolicyServer(PolicyServer):
-    """A ScriptedPolicy whose answers may also be raw bytes."""
-
-    async def start(self, port: int = 0) -> None:
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        policy = self.policy
-        handlers = {
-            "Describe": grpc.unary_unary_rpc_method_handler(
-                policy.Describe,
-                request_deserializer=pb.DescribeRequest.FromString,
-                response_serializer=pb.DescribeResponse.SerializeToString,
-            ),
-            "Process": grpc.stream_stream_rpc_method_handler(
-                policy.Process,
-                request_deserializer=pb.ProcessRequest.FromString,
-                response_serializer=_serialize,
-            ),
-        }
-        service = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service, handlers),)
-        )
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{port or self.port}")
-        await self._server.start()
 
 
 @dataclass
@@ -115,13 +81,6 @@ async def send_split(mta: MtaClient, commands: list[cmd.MtaCommand], split: str)
         pieces = [data[i : i + 1] for i in range(len(data))]
     for piece in pieces:
         await mta.send_raw(piece)
-
-
-def failure_actions(bridge: Bridge, stage: str, cause: str) -> float:
-    value = bridge.metrics.registry.get_sample_value(
-        "milter_bridge_failure_actions_total", {"stage": stage, "cause": cause}
-    )
-    return value or 0.0
 
 
 def assert_streams_begin_with_start(policy: ScriptedPolicy) -> None:

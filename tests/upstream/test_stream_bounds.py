@@ -14,8 +14,7 @@ import pytest
 from milter_bridge.upstream.channel import make_channel, process_method
 from milter_bridge.upstream.stream import MAX_UNREAD_BYTES, PolicyStream, StreamFailure
 from milter_bridge.v1 import policy_pb2 as pb
-from tests.runtime.policy import ScriptedPolicy
-from tests.runtime.test_policy_faults import RawPolicyServer
+from tests.runtime.policy import RawPolicyServer, ScriptedPolicy
 from tests.session import harness as h
 
 

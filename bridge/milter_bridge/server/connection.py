@@ -107,6 +107,8 @@ class MtaConnection:
         self._decision_started = 0.0
         self._asked: Pending | None = None  # the last event handed over for an answer
         self._last_progress = -math.inf  # when the MTA last got SMFIR_PROGRESS
+        # The least time between two SMFIR_PROGRESS; also how often waits tick.
+        self._progress_gap = min(PROGRESS_GAP, config.progress_interval)
         self._closing: set[asyncio.Task[None]] = set()
         self.session: Session | None = None
 
@@ -202,7 +204,7 @@ class MtaConnection:
                 await self._send_to_policy(output, started)
             elif isinstance(output, ProgressToMta):
                 now = asyncio.get_running_loop().time()
-                if now - self._last_progress >= min(PROGRESS_GAP, self._config.progress_interval):
+                if now - self._last_progress >= self._progress_gap:
                     self._last_progress = now
                     self._metrics.progress_sent.inc()
                     to_mta += output.data
@@ -231,7 +233,7 @@ class MtaConnection:
                 self._metadata,
                 lambda replica: self._metrics.replica_streams.labels(replica).inc(),
                 self._keep_mta_waiting,
-                min(PROGRESS_GAP, self._config.progress_interval),
+                self._progress_gap,
             )
             self._metrics.streams.inc()
         assert self._stream is not None
