@@ -172,7 +172,6 @@ class Session:
         self._skippable = frozenset(
             st for stage, st in _STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
         )
-        self.message_epoch = 0
         self.stream = 0  # the open policy stream (numbered from 1); 0: none
         self.failed_stream = 0  # the last stream that failed
         self._failure: tuple[str, str] | None = None  # the policy failed on this message
@@ -311,7 +310,6 @@ class Session:
         self._reset_message()
 
     def _reset_message(self) -> None:
-        self.message_epoch += 1  # a new message (or none yet) begins
         self._failure = None
         self._message_done = False
         self._message_seen = False
