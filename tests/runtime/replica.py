@@ -2,12 +2,14 @@
 
 It prints its port once it serves (the parent's readiness barrier) and answers
 every request that expects a reply with a continue verdict; its streams never
-end by themselves.
+end by themselves. SIGTERM stops it gracefully (``server.stop(30)``): no new
+streams, those in flight go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc.aio
 
@@ -24,7 +26,10 @@ async def main() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)  # the parent reads it
-    await server.wait_for_termination()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(30)
 
 
 if __name__ == "__main__":

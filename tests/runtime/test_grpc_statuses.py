@@ -16,6 +16,8 @@ for 4 of 30 and 24 of 30 streams, UNAVAILABLE in StatusRecord for all.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import re
 import sys
@@ -27,7 +29,11 @@ import grpc.aio
 import pytest
 
 from milter_bridge.upstream.first_status import StatusRecord
-from milter_bridge.upstream.status import INTERNAL_ERROR_FROM_CORE, classify
+from milter_bridge.upstream.status import (
+    CANCELLED_BY_SHUTDOWN,
+    INTERNAL_ERROR_FROM_CORE,
+    classify,
+)
 from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 from tests.runtime.policy import ScriptedPolicy
@@ -246,3 +252,65 @@ def assert_gone(seen: Seen, kept: Status, *, writing: bool) -> None:
     assert classify(code, details, replied=True).cause == "unreachable"
     assert not classify(code, details, replied=True).retry
     assert classify(code, details, replied=False).retry
+
+
+async def opened_when_the_replica_stops(
+    stub: policy_pb2_grpc.PolicyServiceAsyncStub,
+) -> Status | None:
+    """One stream that sends its first event as the replica stops: None when the policy
+    answered it, else the status StatusRecord kept."""
+    call: Call = stub.Process(None)
+    record = StatusRecord(call)
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        await call.write(pb.ProcessRequest(sequence=1, reply_expected=True))
+    try:
+        reply = await call.read()
+    except grpc.aio.AioRpcError:
+        reply = None
+    if isinstance(reply, pb.ProcessResponse):
+        call.cancel()
+        return None
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await call.code()
+    assert record.code is not None, "StatusRecord kept no status"
+    return record.code, record.details
+
+
+async def test_a_replica_stopping_gracefully_cancels_the_streams_it_had_not_handled() -> None:
+    """SIGTERM to a replica whose server stops with a grace period (a rolling update),
+    while streams arrive: those it had not handed to the handler end with
+    CANCELLED: CANCELLED (or UNAVAILABLE, refused after its GOAWAY). Both are retried
+    on another replica, as no reply was used. Rounds go on until the race was hit."""
+    statuses: collections.Counter[Status] = collections.Counter()
+    for _ in range(40):
+        replica = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.runtime.replica",
+            stdout=asyncio.subprocess.PIPE,
+            cwd=Path(__file__).parents[2],
+        )
+        try:
+            assert replica.stdout is not None
+            port = int(await replica.stdout.readline())  # printed once it serves
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = policy_pb2_grpc.PolicyServiceStub(channel)
+                assert await opened_when_the_replica_stops(stub) is None  # connected
+                streams = [
+                    asyncio.ensure_future(opened_when_the_replica_stops(stub)) for _ in range(100)
+                ]
+                await asyncio.sleep(0)  # let the first of them start
+                replica.terminate()
+                ended = await asyncio.gather(*streams)
+        finally:
+            if replica.returncode is None:
+                replica.kill()
+            await replica.wait()
+        statuses.update(status for status in ended if status is not None)
+        if (S.CANCELLED, CANCELLED_BY_SHUTDOWN) in statuses:
+            break
+    assert (S.CANCELLED, CANCELLED_BY_SHUTDOWN) in statuses, statuses
+    for code, details in statuses:
+        assert code in (S.CANCELLED, S.UNAVAILABLE), (code, details)
+        assert classify(code, details, replied=False).retry, (code, details)
+        assert classify(code, details, replied=False).cause == "unreachable"

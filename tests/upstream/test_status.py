@@ -6,7 +6,12 @@ import grpc
 import pytest
 
 from milter_bridge.metrics import CAUSES
-from milter_bridge.upstream.status import INTERNAL_ERROR_FROM_CORE, Classification, classify
+from milter_bridge.upstream.status import (
+    CANCELLED_BY_SHUTDOWN,
+    INTERNAL_ERROR_FROM_CORE,
+    Classification,
+    classify,
+)
 
 S = grpc.StatusCode
 
@@ -42,6 +47,9 @@ def c(cause: str, *, retry: bool = False, refresh: bool = False) -> Classificati
         (None, "", False, c("stream_error")),
         (S.UNKNOWN, "Unexpected <class 'RuntimeError'>: boom", False, c("stream_error")),
         (S.CANCELLED, "policy says so", False, c("stream_error")),
+        # A replica's graceful stop cancels the calls it had not handled yet.
+        (S.CANCELLED, CANCELLED_BY_SHUTDOWN, False, c("unreachable", retry=True)),
+        (S.CANCELLED, CANCELLED_BY_SHUTDOWN, True, c("unreachable")),
         (S.RESOURCE_EXHAUSTED, "", False, c("stream_error")),
         (S.UNIMPLEMENTED, "Method not found!", False, c("stream_error")),
         (S.UNAUTHENTICATED, "", False, c("stream_error")),
@@ -55,10 +63,11 @@ def test_classify(
 
 @pytest.mark.parametrize("code", [*grpc.StatusCode, None])
 @pytest.mark.parametrize("replied", [False, True])
-def test_every_status_has_a_known_cause_and_only_unavailable_is_retried(
+def test_every_status_has_a_known_cause_and_only_a_replica_gone_is_retried(
     code: grpc.StatusCode | None, replied: bool
 ) -> None:
-    for details in ("", INTERNAL_ERROR_FROM_CORE):
+    for details in ("", INTERNAL_ERROR_FROM_CORE, CANCELLED_BY_SHUTDOWN):
         ended = classify(code, details, replied=replied)
         assert ended.cause in CAUSES
-        assert ended.retry == (code is S.UNAVAILABLE and not replied)
+        gone = code is S.UNAVAILABLE or (code is S.CANCELLED and details == CANCELLED_BY_SHUTDOWN)
+        assert ended.retry == (gone and not replied)

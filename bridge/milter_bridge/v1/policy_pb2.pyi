@@ -671,10 +671,11 @@ class StreamStart(_message.Message):
     """A bridge-chosen identifier of this SMTP session, for log correlation."""
     attempt: _builtins.int
     """0 for the first stream of this session_id. When a stream fails with
-    UNAVAILABLE before the bridge used any reply on it, the bridge opens a new
-    one (possibly to another replica) and sends the same requests again with
-    attempt 1, 2: a policy that acts on events (counts, stores) should treat
-    (session_id, sequence) as already seen.
+    UNAVAILABLE, or is cancelled by a replica shutting down (CANCELLED with
+    gRPC's own details "CANCELLED"), before the bridge used any reply on it,
+    the bridge opens a new one (possibly to another replica) and sends the
+    same requests again with attempt 1, 2: a policy that acts on events
+    (counts, stores) should treat (session_id, sequence) as already seen.
     """
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
