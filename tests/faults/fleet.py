@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -18,8 +19,11 @@ from collections.abc import AsyncIterator
 from fractions import Fraction
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from milter_bridge.load import LoadConfig, Report, Shape, run
 from tests.runtime.process import BridgeProcess
+from tests.runtime.test_metrics import get
 
 ROOT = Path(__file__).resolve().parents[2]  # bench/ is a package at the top
 MARKER = "REJECT"
@@ -81,11 +85,12 @@ class PolicyProcess:
 
 @contextlib.asynccontextmanager
 async def fleet(
-    tmp_path: Path, *bridge_flags: str
+    tmp_path: Path, *bridge_flags: str, tcp: bool = False
 ) -> AsyncIterator[tuple[PolicyProcess, BridgeProcess]]:
+    """The SDK policy and the bridge, which listens on a unix socket (or a loopback port)."""
     policy = PolicyProcess(tmp_path / "policy.sock")
     await policy.start()
-    bridge = BridgeProcess(tmp_path / "bridge.sock", policy.target, *bridge_flags)
+    bridge = BridgeProcess(tmp_path / "bridge.sock", policy.target, *bridge_flags, tcp=tcp)
     try:
         await bridge.start()
         yield policy, bridge
@@ -94,12 +99,26 @@ async def fleet(
         await policy.stop()
 
 
-async def load(bridge: BridgeProcess, count: int, concurrency: int = 8) -> Report:
+async def load(
+    bridge: BridgeProcess,
+    count: int,
+    concurrency: int = 8,
+    *,
+    recipients: int = 1,
+    per_connection: int = 1,
+    abandon_share: Fraction = Fraction(0),
+    abandon: str = "fin",
+) -> Report:
+    """``count`` messages (every 10th marked) from ``concurrency`` MTA connections at once;
+    ``abandon_share`` of them left mid-way by the MTA (``abandon``: "fin" or "rst")."""
     config = LoadConfig(
-        f"unix:{bridge.socket_path}",
+        bridge.target,
         count=count,
         concurrency=concurrency,
-        shape=Shape(marker_share=SHARE, marker=MARKER),
+        messages_per_connection=per_connection,
+        shape=Shape(recipients=recipients, marker_share=SHARE, marker=MARKER),
+        abandon_share=abandon_share,
+        abandon=abandon,
     )
     return await run(config)
 
@@ -107,10 +126,8 @@ async def load(bridge: BridgeProcess, count: int, concurrency: int = 8) -> Repor
 def answered_by_the_policy(report: Report) -> bool:
     """Every message answered, each with the policy's own verdict."""
     marked = report.messages // 10  # the load tool marks every 10th, exactly
-    return report.ok and report.outcomes == {
-        "eom continue": report.messages - marked,
-        "eom reject 550": marked,
-    }
+    expected = {"eom continue": report.messages - marked, "eom reject 550": marked}
+    return report.ok and report.outcomes == {k: n for k, n in expected.items() if n}
 
 
 async def fds_settle(bridge: BridgeProcess, baseline: int, timeout: float = 20.0) -> int:
@@ -133,3 +150,16 @@ async def until_messages_ended(bridge: BridgeProcess, at_least: int) -> None:
     async with asyncio.timeout(60):
         while messages_ended(bridge) < at_least:
             await asyncio.sleep(0.02)
+
+
+async def metric(bridge: BridgeProcess, name: str, **labels: str) -> float:
+    """One sample of the bridge's /metrics (it runs with ``--metrics-listen 127.0.0.1:0``)."""
+    found = re.search(r"metrics and health on http://127\.0\.0\.1:(\d+)/", bridge.log())
+    assert found is not None, "the bridge serves no metrics"
+    status, body = await get(int(found.group(1)), "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0

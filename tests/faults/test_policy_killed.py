@@ -23,6 +23,7 @@ from tests.faults.fleet import (
     messages_ended,
     until_messages_ended,
 )
+from tests.faults.record import Probe, Row, scale
 from tests.runtime.process import BridgeProcess
 
 DEADLINE = 5.0
@@ -35,7 +36,7 @@ def answered(report: Report, count: int) -> None:
     assert report.messages == count
     assert report.latency.messages == count
     assert set(report.outcomes) <= {"eom continue", "eom reject 550", "eom tempfail"}
-    assert report.latency.max_ms <= (DEADLINE + 1) * 1000, report.latency
+    assert report.latency.worst_answer_ms <= (DEADLINE + 1) * 1000, report.latency
 
 
 async def until_the_policy_decides(bridge: BridgeProcess) -> None:
@@ -45,38 +46,59 @@ async def until_the_policy_decides(bridge: BridgeProcess) -> None:
             pass
 
 
-async def test_only_replica_killed_and_back_within_the_deadline(tmp_path: Path) -> None:
-    async with fleet(tmp_path, "--deadline", f"{DEADLINE:g}") as (policy, bridge):
+async def test_only_replica_killed_and_back_within_the_deadline(
+    tmp_path: Path, policy_path: tuple[str, ...]
+) -> None:
+    async with fleet(tmp_path, *policy_path, "--deadline", f"{DEADLINE:g}") as (policy, bridge):
         assert answered_by_the_policy(await load(bridge, 20))
         baseline = await fds_settle(bridge, bridge.open_fds())
-        running = asyncio.create_task(load(bridge, COUNT))
+        before = Probe.take(bridge)
+        count = scale(COUNT)
+        running = asyncio.create_task(load(bridge, count))
         # The fault lands in the middle of the load: once 50 of its messages have ended.
         await until_messages_ended(bridge, messages_ended(bridge) + 50)
         policy.signal(signal.SIGKILL)
         await policy.restart()
         report = await running
-        answered(report, COUNT)
+        answered(report, count)
         # Cut-off conversations were replayed on the new replica: no failure action.
         assert "eom tempfail" not in report.outcomes, report.outcomes
         assert answered_by_the_policy(await load(bridge, 20))
         assert await fds_settle(bridge, baseline) <= baseline + 1
+        Row.build(
+            "only replica SIGKILLed, restarted at once (c=8)",
+            [report],
+            before,
+            Probe.take(bridge),
+            DEADLINE,
+        ).save().assert_settled()
     assert " ERROR " not in bridge.log()
     assert "Traceback" not in bridge.log()
 
 
-async def test_only_replica_killed_and_back_after_the_deadline(tmp_path: Path) -> None:
-    async with fleet(tmp_path, "--deadline", f"{DEADLINE:g}") as (policy, bridge):
+async def test_only_replica_killed_and_back_after_the_deadline(
+    tmp_path: Path, policy_path: tuple[str, ...]
+) -> None:
+    async with fleet(tmp_path, *policy_path, "--deadline", f"{DEADLINE:g}") as (policy, bridge):
         assert answered_by_the_policy(await load(bridge, 20))
         baseline = await fds_settle(bridge, bridge.open_fds())
+        before = Probe.take(bridge)
         policy.signal(signal.SIGKILL)
         outage = await load(bridge, 16)  # the policy is down for all of these
         answered(outage, 16)
         assert outage.outcomes == {"eom tempfail": 16}
         await policy.restart()
         await until_the_policy_decides(bridge)
-        after = await load(bridge, 50)
+        after = await load(bridge, scale(50))
         assert answered_by_the_policy(after), after
         assert await fds_settle(bridge, baseline) <= baseline + 1
+        Row.build(
+            "only replica SIGKILLed, restarted after the outage",
+            [outage, after],
+            before,
+            Probe.take(bridge),
+            DEADLINE,
+        ).save().assert_settled()
     log = bridge.log()
     assert " ERROR " not in log
     assert "Traceback" not in log

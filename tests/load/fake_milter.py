@@ -2,14 +2,16 @@
 
 It answers as its negotiation says (continue to every event that expects a
 reply, accept at end of message) unless a test's ``answer`` says otherwise,
-records every command per connection, and closes on QUIT as libmilter does.
+after ``delays`` seconds for the commands of a kind when a test asks for it,
+records every command per connection and how the connection ended, and closes
+on QUIT as libmilter does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from milter_bridge.protocol import CommandDecoder, encode_all
@@ -57,6 +59,7 @@ class Conversation:
 
     commands: list[MtaCommand] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    error: ConnectionError | None = None  # e.g. ConnectionResetError after an RST
 
     def codes(self) -> list[str]:
         """Command bytes in order, a D packet written as D plus its stage: ["O", "DC", "C", ...]."""
@@ -72,9 +75,15 @@ class Conversation:
 
 
 class FakeMilter:
-    def __init__(self, negotiation: r.OptionNegotiationReply, answer: Answer | None = None) -> None:
+    def __init__(
+        self,
+        negotiation: r.OptionNegotiationReply,
+        answer: Answer | None = None,
+        delays: Mapping[type, float] | None = None,
+    ) -> None:
         self.negotiation = negotiation
         self.answer = answer
+        self.delays = dict(delays or {})
         self.conversations: list[Conversation] = []
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -108,7 +117,11 @@ class FakeMilter:
                         return
                     if replies is None:
                         replies = self.default(command)
+                    if delay := self.delays.get(type(command)):
+                        await asyncio.sleep(delay)  # a slow answer, on purpose
                     writer.write(replies if isinstance(replies, bytes) else encode_all(replies))
+        except ConnectionError as exc:
+            conversation.error = exc
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -132,9 +145,11 @@ class FakeMilter:
 
 @contextlib.asynccontextmanager
 async def serving(
-    negotiation: r.OptionNegotiationReply, answer: Answer | None = None
+    negotiation: r.OptionNegotiationReply,
+    answer: Answer | None = None,
+    delays: Mapping[type, float] | None = None,
 ) -> AsyncIterator[FakeMilter]:
-    milter = FakeMilter(negotiation, answer)
+    milter = FakeMilter(negotiation, answer, delays)
     await milter.start()
     try:
         yield milter

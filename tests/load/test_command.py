@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 
 import pytest
@@ -33,6 +34,8 @@ async def test_a_valid_milter_exits_0_with_a_text_report() -> None:
     assert "outcomes         eom accept 20" in out
     assert "protocol errors  0" in out
     assert "from writing MAIL FROM to the answer that decided the message" in out
+    stages = "optneg|connect|helo|mail|rcpt|data|header|eoh|body|eom"
+    assert re.search(rf"\n  worst answer     \d+\.\d\d ms at ({stages})\n", out)
     assert "µs/message" in out
     subjects = [
         c.value
@@ -62,6 +65,7 @@ async def test_nothing_listening_exits_1() -> None:
     assert code == 1
     assert "outcomes         connection failed 2" in out
     assert f"connection failed: {target}:" in out
+    assert "worst answer     - (no answer was awaited)" in out
 
 
 @pytest.mark.parametrize(
@@ -74,12 +78,43 @@ async def test_nothing_listening_exits_1() -> None:
         (["inet:127.0.0.1:1", "--recipients", "0"], "--recipients must be at least 1"),
         (["inet:127.0.0.1:1", "--concurrency", "0"], "must be at least 1"),
         (["inet:127.0.0.1:1", "--timeout", "0"], "--timeout must be a positive number"),
+        (["inet:127.0.0.1:1", "--abandon-share", "3/2"], "--abandon-share must be between 0 and 1"),
     ],
 )
 def test_usage_errors_exit_2(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["load", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+async def test_abandoned_messages_in_the_text_report_exit_0() -> None:
+    async with serving(optneg()) as milter:
+        code, out, err = await load_command(
+            milter.target, "--count", "20", "--abandon-share", "1/10", "--abandon", "rst"
+        )
+        await milter.all_ended()
+    assert code == 0, err
+    # Messages 8 and 18, at the first two points; the others are answered.
+    assert "outcomes         eom accept 18, abandoned mail rst 1, abandoned rcpt rst 1" in out
+    assert "(18 messages)" in out  # the latency leaves the abandoned messages out
+    assert "protocol errors  0" in out
+    assert len(milter.conversations) == 20
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--abandon", "reset"], "invalid choice: 'reset'"),
+        (["--abandon-share", "x"], "'x' is not a fraction such as 0.1 or 1/10"),
+    ],
+)
+def test_abandon_flags_that_argparse_refuses(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["load", "inet:127.0.0.1:1", "--count", "1", *args])
+    assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
@@ -99,3 +134,5 @@ def test_help_names_the_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "Postfix 3.7" in out
     assert "--messages-per-connection" in out
+    assert "--abandon-share" in out
+    assert "{fin,rst}" in out

@@ -332,6 +332,7 @@ async def test_nothing_listens() -> None:
     assert report.protocol_errors.total == 0
     assert not report.ok
     assert len(report.connection_failures) == 3
+    assert (report.latency.worst_answer_ms, report.latency.worst_answer_stage) == (0.0, "")
 
 
 @pytest.mark.parametrize(
@@ -396,3 +397,135 @@ async def test_a_duration_instead_of_a_count() -> None:
     assert ends == report.messages
     assert all(conv.codes()[-2:] == ["A", "Q"] for conv in milter.conversations)
     assert progress.getvalue().endswith("\r")  # the live line is wiped at the end
+
+
+@pytest.mark.parametrize(
+    ("kind", "stage"),
+    [
+        (cmd.OptionNegotiation, "optneg"),
+        (cmd.Helo, "helo"),
+        (cmd.Data, "data"),
+        (cmd.EndOfMessage, "eom"),
+    ],
+)
+async def test_the_worst_single_answer_and_its_stage(kind: type, stage: str) -> None:
+    async with serving(optneg(), delays={kind: 0.2}) as milter:
+        report = await load(milter, count=2)
+    assert report.ok, report.protocol_errors
+    assert report.outcomes == {"eom accept": 2}
+    assert report.latency.worst_answer_stage == stage
+    assert report.latency.worst_answer_ms >= 200
+
+
+async def test_the_answers_of_failed_and_abandoned_messages_count_too() -> None:
+    def answer(command: MtaCommand, _: Conversation) -> Close | None:
+        return CLOSE if isinstance(command, cmd.EndOfMessage) else None
+
+    async with serving(optneg(), answer, delays={cmd.Mail: 0.2}) as milter:
+        report = await load(milter)
+    assert report.outcomes == {"eom closed": 1}
+    assert report.latency.messages == 0
+    assert report.latency.worst_answer_stage == "mail"
+    assert report.latency.worst_answer_ms >= 200
+    async with serving(optneg(), delays={cmd.Rcpt: 0.2}) as milter:
+        report = await load(milter, count=3, abandon_share=Fraction(1))
+    # The RCPT of the second message goes unanswered; the third's is answered, then DATA is left.
+    assert report.outcomes == {
+        "abandoned mail fin": 1,
+        "abandoned rcpt fin": 1,
+        "abandoned data fin": 1,
+    }
+    assert report.latency.messages == 0
+    assert report.latency.worst_answer_stage == "rcpt"
+    assert report.latency.worst_answer_ms >= 200
+
+
+OPENING = ["O", "DC", "C", "DH", "H"]
+_HEADERS = ["DL", "L"] * 4
+# What the milter got of a message abandoned at each point, in the order the points are
+# taken: 2 recipients, 4 headers, 70,000 bytes of body (2 chunks). No ABORT, no QUIT.
+ABANDONED_AT = {
+    "mail": ["DM", "M"],
+    "rcpt": ["DM", "M", "DR", "R"],  # after the first recipient
+    "data": ["DM", "M", "DR", "R", "DR", "R", "DT", "T"],
+    "header": ["DM", "M", "DR", "R", "DR", "R", "DT", "T", *_HEADERS[:4]],  # half of them
+    "eoh": ["DM", "M", "DR", "R", "DR", "R", "DT", "T", *_HEADERS, "DN", "N"],
+    # The second chunk's packet is cut in half: the milter never gets a whole one.
+    "body": ["DM", "M", "DR", "R", "DR", "R", "DT", "T", *_HEADERS, "DN", "N", "DB", "B", "DB"],
+    "eom": [
+        *("DM", "M", "DR", "R", "DR", "R", "DT", "T", *_HEADERS, "DN", "N"),
+        *("DB", "B", "DB", "B", "DE", "E"),
+    ],
+}
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_every_abandon_point_in_turn(how: str) -> None:
+    async with serving(optneg()) as milter:
+        report = await load(
+            milter,
+            count=7,
+            abandon_share=Fraction(1),
+            abandon=how,
+            recipients=2,
+            headers=4,
+            body_size=70000,
+        )
+    assert report.ok, report.protocol_errors
+    assert report.outcomes == {f"abandoned {point} {how}": 1 for point in ABANDONED_AT}
+    assert report.latency.messages == 0
+    assert report.connections == 7
+    for conversation, codes in zip(milter.conversations, ABANDONED_AT.values(), strict=True):
+        assert conversation.codes() == [*OPENING, *codes]
+        # Over TCP the milter reads what was sent, then a reset (rst) or the end of the stream.
+        reset = isinstance(conversation.error, ConnectionResetError)
+        assert reset == (how == "rst"), conversation.error
+
+
+async def test_an_abandoned_connection_is_not_reused() -> None:
+    async with serving(optneg()) as milter:
+        report = await load(
+            milter, count=6, messages_per_connection=3, abandon_share=Fraction(1, 2)
+        )
+    assert report.ok, report.protocol_errors
+    # Messages 0, 2 and 4 are abandoned, at the first three points.
+    assert report.outcomes == {
+        "eom accept": 3,
+        "abandoned mail fin": 1,
+        "abandoned rcpt fin": 1,
+        "abandoned data fin": 1,
+    }
+    assert report.latency.messages == 3
+    assert report.connections == 4
+    codes = [conversation.codes() for conversation in milter.conversations]
+    assert [c[-2:] for c in codes] == [["DM", "M"], ["DR", "R"], ["DT", "T"], ["A", "Q"]]
+    assert [c.count("E") for c in codes] == [0, 1, 1, 1]
+
+
+async def test_a_verdict_before_the_point_ends_the_message_as_usual() -> None:
+    async with serving(optneg(), at(cmd.Rcpt, r.Reject())) as milter:
+        report = await load(milter, count=7, abandon_share=Fraction(1), abandon="rst")
+    assert report.ok, report.protocol_errors
+    assert report.outcomes == {"abandoned mail rst": 1, "abandoned rcpt rst": 1, "rcpt reject": 5}
+    assert report.latency.messages == 5
+
+
+async def test_points_the_negotiation_leaves_out_are_not_taken() -> None:
+    no = P.SMFIP_NOMAIL | P.SMFIP_NORCPT | P.SMFIP_NODATA | P.SMFIP_NOEOH | P.SMFIP_NOBODY
+    async with serving(optneg(int(no | P.SMFIP_NR_HDR))) as milter:
+        report = await load(milter, count=4, abandon_share=Fraction(1))
+    assert report.ok, report.protocol_errors
+    assert report.outcomes == {"abandoned header fin": 2, "abandoned eom fin": 2}
+    header, eom, _, _ = (conversation.codes() for conversation in milter.conversations)
+    assert (header.count("L"), header[-1]) == (5, "L")  # 5 of 10 headers, without reply
+    assert eom[-2:] == ["DE", "E"]
+    assert eom.count("L") == 10
+
+
+async def test_no_half_chunk_after_skip() -> None:
+    async with serving(optneg(int(P.SMFIP_SKIP)), at(cmd.Body, r.Skip())) as milter:
+        report = await load(milter, count=6, abandon_share=Fraction(1), body_size=200_000)
+    assert report.ok, report.protocol_errors
+    assert report.outcomes["abandoned body fin"] == 1
+    # 4 chunks: abandoned in the third, but SKIP came at the first: no more body after it.
+    assert milter.conversations[5].codes()[-3:] == ["N", "DB", "B"]

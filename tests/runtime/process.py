@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -12,24 +13,37 @@ from tests.runtime.mta_client import MtaClient
 
 
 class BridgeProcess:
-    def __init__(self, socket_path: Path, upstream: str, *flags: str) -> None:
+    def __init__(self, socket_path: Path, upstream: str, *flags: str, tcp: bool = False) -> None:
+        """Listens on the unix socket ``socket_path``, or with ``tcp`` on a loopback port
+        of its choosing (``target`` names it once started); the log is beside the socket."""
         self.socket_path = socket_path
         self.log_path = socket_path.with_suffix(".log")
+        self.tcp = tcp
+        self.port = 0
+        listen = "inet:127.0.0.1:0" if tcp else f"unix:{socket_path}"
         self.argv = [
             sys.executable,
             "-m",
             "milter_bridge",
             "--listen",
-            f"unix:{socket_path}",
+            listen,
             "--upstream",
             upstream,
             *flags,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def target(self) -> str:
+        """Where an MTA connects: ``unix:/PATH`` or ``inet:127.0.0.1:PORT``."""
+        return f"inet:127.0.0.1:{self.port}" if self.tcp else f"unix:{self.socket_path}"
+
     async def start(self) -> None:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        if self.tcp:
+            await self._listening_on_a_port()
+            return
         for _ in range(500):  # readiness: the socket accepts connections
             if self.socket_path.exists():
                 try:
@@ -40,6 +54,20 @@ class BridgeProcess:
                     writer.close()
                     await writer.wait_closed()
                     return
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.02)
+        msg = f"bridge did not start: {self.log()}"
+        raise RuntimeError(msg)
+
+    async def _listening_on_a_port(self) -> None:
+        """Readiness over TCP: its log names the port it listens on."""
+        assert self.proc is not None
+        for _ in range(500):
+            found = re.search(r"listening on inet:127\.0\.0\.1:(\d+),", self.log())
+            if found is not None:
+                self.port = int(found.group(1))
+                return
             if self.proc.poll() is not None:
                 break
             await asyncio.sleep(0.02)

@@ -4,8 +4,9 @@
 
 One asyncio loop plays Postfix 3.7 against the milter (shape.py: the messages;
 macros.py and plan.py: what is sent after a negotiation; verdicts.py: which
-answers are valid where; wire.py and client.py: the connection; run.py: the
-workers; stats.py and report.py: what is counted and shown; command.py: the CLI).
+answers are valid where; abandon.py: which messages the MTA leaves mid-way;
+wire.py and client.py: the connection; run.py: the workers; stats.py and
+report.py: what is counted and shown; command.py: the CLI).
 """
 
 from milter_bridge.load.report import Report

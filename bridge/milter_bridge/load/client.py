@@ -4,7 +4,9 @@ OPTNEG, CONNECT and HELO once, then one message after the other: MAIL, RCPT
 for each recipient, DATA, the headers, end of headers, body chunks and end of
 message, each preceded by its macros, each left out or not awaited as
 negotiated; ABORT after every message, ABORT and QUIT at the end (Postfix
-sends both). Writes are batched up to the next event that is awaited.
+sends both). Writes are batched up to the next event that is awaited. A message
+picked by abandon.py ends the connection at its point instead (no ABORT, no
+QUIT); the next message opens a new one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import itertools
 from time import perf_counter
 
+from milter_bridge.load.abandon import Abandon
 from milter_bridge.load.plan import ABORT_PACKET, OFFER_PACKET, QUIT_PACKET, Plan
 from milter_bridge.load.shape import Shape
 from milter_bridge.load.stats import ErrorKind, Stats
@@ -27,7 +30,8 @@ CONTINUED = Judgement(Verdict(Kind.CONTINUE))
 
 
 class Over(Exception):
-    """The connection cannot go on (the error is recorded); the message ends as ``label``."""
+    """The connection cannot go on (an error was recorded, or the MTA abandoned it);
+    the message ends as ``label``, without a latency."""
 
     def __init__(self, label: str) -> None:
         super().__init__(label)
@@ -37,14 +41,17 @@ class Over(Exception):
 class Context:
     """What every connection of one run shares."""
 
-    def __init__(self, target: Target, shape: Shape, stats: Stats, timeout: float) -> None:
+    def __init__(
+        self, target: Target, shape: Shape, stats: Stats, timeout: float, abandon: Abandon
+    ) -> None:
         self.target = target
         self.shape = shape
         self.stats = stats
         self.timeout = timeout
+        self.abandon = abandon
         self.plans: dict[r.OptionNegotiationReply, Plan] = {}
         self.queue_ids = itertools.count(0x1000000)
-        self.closing: set[asyncio.Future[None]] = set()  # connections after QUIT
+        self.closing: set[asyncio.Future[None]] = set()  # after QUIT, or abandoned
         self.numbers = itertools.count()
 
 
@@ -126,9 +133,12 @@ class Connection:
             self._out.append(ABORT_PACKET)
         self.message = None
 
-    async def _message(self, k: int) -> str:  # noqa: PLR0911, PLR0912 - one branch per event
+    async def _message(self, k: int) -> str:  # noqa: PLR0911, PLR0912, PLR0915 - a branch per event
         plan, out = self.plan, self._out
+        stop = self.ctx.abandon.point(k, plan.abandon_points)  # None: not abandoned
         out.append(plan.mail_packets)
+        if stop is Stage.MAIL:
+            raise self._abandon(stop)
         if plan.mail.waits and (label := await self._refused(Stage.MAIL)):
             return label
         queue_id = b"%X" % next(self.ctx.queue_ids)
@@ -136,6 +146,8 @@ class Connection:
         for macros, rcpt in plan.recipients:
             out.append(macros.packet(queue_id if accepted else b""))
             out.append(rcpt)
+            if stop is Stage.RCPT:
+                raise self._abandon(stop)
             if not plan.rcpt.waits:
                 accepted += 1
                 continue
@@ -152,27 +164,44 @@ class Connection:
         if plan.data_macros is not None:
             out.append(plan.data_macros.packet(queue_id))
             out.append(plan.data_packet)
+            if stop is Stage.DATA:
+                raise self._abandon(stop)
             if plan.data.waits and (label := await self._refused(Stage.DATA)):
                 return label
         if plan.header.sent:
             header_macros = plan.header_macros.packet(queue_id)
             headers = plan.header_packets(queue_id, marked=self.ctx.shape.marked(k))
+            unanswered = None
+            if stop is Stage.HEADER:  # the first half, the last of them written but not answered
+                headers = headers[: (len(headers) + 1) // 2]
+                unanswered = headers[-1]
             if not plan.header.waits:
                 out.append(header_macros)
                 out.append(header_macros.join(headers))
             for header in headers if plan.header.waits else ():
                 out.append(header_macros)
                 out.append(header)
+                if header is unanswered:  # every header packet is a bytes object of its own
+                    break
                 if label := await self._refused(Stage.HEADER):
                     return label
+            if stop is Stage.HEADER:
+                raise self._abandon(stop)
         if plan.eoh.sent:
             out.append(plan.eoh_macros.packet(queue_id))
             out.append(plan.eoh_packets)
+            if stop is Stage.EOH:
+                raise self._abandon(stop)
             if plan.eoh.waits and (label := await self._refused(Stage.EOH)):
                 return label
         if plan.body.sent:
             body_macros = plan.body_macros.packet(queue_id)
-            for chunk in plan.body_packets:
+            chunks = plan.body_packets
+            if stop is Stage.BODY:  # the chunks before the middle one, then half of its packet
+                middle = len(chunks) // 2
+                cut = chunks[middle][: len(chunks[middle]) // 2]
+                chunks = chunks[:middle]
+            for chunk in chunks:
                 out.append(body_macros)
                 out.append(chunk)
                 if not plan.body.waits:
@@ -182,9 +211,28 @@ class Connection:
                     break
                 if verdict.kind is not Kind.CONTINUE:
                     return f"body {verdict.label}"
+            else:
+                if stop is Stage.BODY:  # not after SKIP: no more body goes out then
+                    out.append(body_macros)
+                    out.append(cut)
+            if stop is Stage.BODY:
+                raise self._abandon(stop)
         out.append(plan.eom_macros.packet(queue_id))
         out.append(EOM_PACKET)
+        if stop is Stage.EOM:
+            raise self._abandon(stop)
         return f"eom {(await self.ask(Stage.EOM)).verdict.label}"
+
+    def _abandon(self, stage: Stage) -> Over:
+        """The MTA goes away at ``stage``: what is queued is written, the connection ends."""
+        self.usable = False
+        abandon = self.ctx.abandon
+        data = b"".join(self._out)
+        self._out.clear()
+        closed = self.wire.abandon(data, reset=abandon.how == "rst", timeout=self.ctx.timeout)
+        self.ctx.closing.add(closed)
+        closed.add_done_callback(self.ctx.closing.discard)
+        return Over(abandon.label(stage))
 
     def close(self) -> None:
         """ABORT and QUIT as Postfix ends a session; the milter's close is awaited by the run."""
@@ -229,8 +277,9 @@ class Connection:
         """Write what is queued and return the answer; raises Over when there is none."""
         data = b"".join(self._out)
         self._out.clear()
+        asked = perf_counter()
         try:
-            return await self.wire.ask(data, self.ctx.timeout)
+            replies = await self.wire.ask(data, self.ctx.timeout)
         except ProtocolError as exc:
             self._fail(ErrorKind.MALFORMED, stage, str(exc))
             raise Over(f"{stage.value} protocol error") from None
@@ -240,6 +289,12 @@ class Connection:
         except Closed as exc:
             self._fail(ErrorKind.CLOSED, stage, str(exc))
             raise Over(f"{stage.value} closed") from None
+        # The worst single answer, from writing up to this event to its final reply.
+        took = perf_counter() - asked
+        stats = self.ctx.stats
+        if took > stats.worst_answer:
+            stats.worst_answer, stats.worst_answer_stage = took, stage.value
+        return replies
 
     async def _refused(self, stage: Stage) -> str:
         """The message's outcome when the milter ended it here; empty when it goes on."""

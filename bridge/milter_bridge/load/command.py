@@ -11,6 +11,7 @@ import sys
 from fractions import Fraction
 
 from milter_bridge.config import ConfigError
+from milter_bridge.load.abandon import HOWS
 from milter_bridge.load.run import LoadConfig, LoadConfigError, run_sync, stderr_if_tty
 from milter_bridge.load.shape import Shape, ShapeError
 
@@ -18,9 +19,11 @@ DESCRIPTION = """\
 Plays the MTA side the way Postfix 3.7 does (milter_protocol=6) against any
 milter (libmilter, pymilter, milter-bridge): OPTNEG offering version 6, then
 only the events the milter asked for, with Postfix's macros, ABORT after
-every message. Reports msg/s, latency percentiles, outcomes, modifications
-and protocol errors (malformed or invalid answers, answers to events without
-reply, connections closed or silent while the MTA waits)."""
+every message. Reports msg/s, latency percentiles, the worst single answer,
+outcomes, modifications and protocol errors (malformed or invalid answers,
+answers to events without reply, connections closed or silent while the MTA
+waits). With --abandon-share, some messages end with the MTA going away
+mid-message instead (outcome "abandoned STAGE fin|rst"), which is no error."""
 
 
 def _fraction(text: str) -> Fraction:
@@ -60,6 +63,23 @@ def parser() -> argparse.ArgumentParser:
     )
     add("--marker", default="REJECT", metavar="TEXT", help="(default REJECT)")
     add(
+        "--abandon-share",
+        type=_fraction,
+        default=Fraction(0),
+        metavar="FRACTION",
+        help="share of messages the MTA leaves mid-way, ending the connection: every k-th"
+        " (never a marked one when both shares are the same 1/n); in turn after MAIL, RCPT,"
+        " DATA, in the headers, after end of headers, in the body, after end of message,"
+        " where negotiated (default 0)",
+    )
+    add(
+        "--abandon",
+        choices=HOWS,
+        default="fin",
+        help="how that connection ends: fin (a normal close) or rst (SO_LINGER 0 s: a TCP"
+        " reset; a unix socket has none: unsent data is dropped, then closed) (default fin)",
+    )
+    add(
         "--timeout",
         type=float,
         default=30.0,
@@ -89,6 +109,8 @@ def main(argv: list[str]) -> int:
             messages_per_connection=args.messages_per_connection,
             timeout=args.timeout,
             shape=shape,
+            abandon_share=args.abandon_share,
+            abandon=args.abandon,
         )
         report = run_sync(config, progress=stderr_if_tty(quiet=args.quiet))
     except (ShapeError, LoadConfigError) as exc:

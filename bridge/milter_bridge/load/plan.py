@@ -16,6 +16,7 @@ from milter_bridge.load.macros import (
     MacroPacket,
 )
 from milter_bridge.load.shape import MESSAGE_ID_INDEX, SENDER, SUBJECT_INDEX, Shape
+from milter_bridge.load.verdicts import Stage
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import encode
 from milter_bridge.protocol import replies as r
@@ -87,6 +88,20 @@ class Plan:
         self._session_macros: tuple[bytes, bytes] | None = None  # D C and D H
         self._port_in_macros = any(self.lists.uses(c, b"client_port") for c in (b"C", b"H"))
         self.helo_packet = encode(cmd.Helo(CLIENT_NAME))
+        # Where a message can be abandoned (abandon.py): after an event that is sent.
+        self.abandon_points = tuple(
+            stage
+            for stage, sent in (
+                (Stage.MAIL, self.mail.sent),
+                (Stage.RCPT, self.rcpt.sent),
+                (Stage.DATA, self.data.sent),
+                (Stage.HEADER, self.header.sent and bool(self.headers)),
+                (Stage.EOH, self.eoh.sent),
+                (Stage.BODY, self.body.sent and bool(self.body_packets)),
+                (Stage.EOM, True),
+            )
+            if sent
+        )
 
     def _build(self, shape: Shape, *, leading_space: bool) -> None:
         fields = shape.header_fields()

@@ -12,6 +12,10 @@ LATENCY_MEASURES = (
     "per message, from writing MAIL FROM to the answer that decided the message"
     " (normally the end-of-message answer); messages that failed are not included"
 )
+WORST_ANSWER_MEASURES = (
+    "one awaited answer, from writing its event to the final reply; every answer counts,"
+    " OPTNEG, CONNECT and HELO too, and those of messages that failed or were abandoned"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +26,8 @@ class Latency:
     p99_ms: float
     max_ms: float
     measures: str = LATENCY_MEASURES
+    worst_answer_ms: float = 0.0  # the slowest single answer of the run
+    worst_answer_stage: str = ""  # where it was ("optneg" ... "eom"); "" when none was awaited
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +66,25 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """No protocol error and every connection could be made (exit status 0)."""
+        """No protocol error and every connection could be made (exit status 0).
+
+        Abandoned messages (LoadConfig.abandon_share) are neither: the MTA chose to leave."""
         return self.protocol_errors.total == 0 and not self.outcomes.get(CONNECTION_FAILED)
 
     @classmethod
     def build(cls, config: dict[str, object], stats: Stats, elapsed: float, cpu: float) -> Report:
         ordered = sorted(stats.latencies)
         p50, p90, p99, top = (round(1000 * percentile(ordered, f), 3) for f in (0.5, 0.9, 0.99, 1))
-        latency = Latency(len(ordered), p50, p90, p99, top)
+        worst = round(1000 * stats.worst_answer, 3)
+        latency = Latency(
+            len(ordered),
+            p50,
+            p90,
+            p99,
+            top,
+            worst_answer_ms=worst,
+            worst_answer_stage=stats.worst_answer_stage,
+        )
         negotiated = [
             Negotiated(
                 reply.version,
@@ -127,6 +144,10 @@ class Report:
             f"  latency          p50 {lat.p50_ms:.2f} ms  p90 {lat.p90_ms:.2f} ms"
             f"  p99 {lat.p99_ms:.2f} ms  max {lat.max_ms:.2f} ms ({lat.messages} messages)",
             f"                   {lat.measures}",
+            f"  worst answer     {lat.worst_answer_ms:.2f} ms at {lat.worst_answer_stage}"
+            if lat.worst_answer_stage
+            else "  worst answer     - (no answer was awaited)",
+            f"                   {WORST_ANSWER_MEASURES}",
             f"  outcomes         {_counts(self.outcomes)}",
             f"  refused rcpts    {_counts(self.refused_recipients)}",
             f"  modifications    {_counts(self.modifications)}; progress {self.progress}",

@@ -2,8 +2,9 @@
 
 Each of ``concurrency`` workers takes the next message number, opens a
 connection when it has none, sends the message, and closes the connection
-after ``messages_per_connection`` messages (or when it cannot go on). The
-load tool's own CPU time (``time.process_time``) is measured over the run.
+after ``messages_per_connection`` messages (or when it cannot go on, or
+abandoned a message: abandon.py). The load tool's own CPU time
+(``time.process_time``) is measured over the run.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
+from numbers import Rational
 from typing import TextIO
 
+from milter_bridge.load.abandon import HOWS, Abandon
 from milter_bridge.load.client import Connection, Context
 from milter_bridge.load.report import Report
 from milter_bridge.load.shape import Shape
@@ -37,6 +41,8 @@ class LoadConfig:
     messages_per_connection: int = 1
     timeout: float = 30.0  # seconds for each answer (and to connect)
     shape: Shape = field(default_factory=Shape)
+    abandon_share: Fraction = field(default_factory=Fraction)  # messages left mid-way
+    abandon: str = "fin"  # how the connection then ends: "fin" or "rst"
 
     def __post_init__(self) -> None:
         if (self.count is None) == (self.duration is None):
@@ -53,6 +59,16 @@ class LoadConfig:
             raise LoadConfigError(msg)
         if not 0 < self.timeout < math.inf:
             msg = f"--timeout must be a positive number of seconds, not {self.timeout}"
+            raise LoadConfigError(msg)
+        share: object = self.abandon_share  # a float would pick messages inexactly
+        if not isinstance(share, Rational):
+            msg = f"--abandon-share must be a Fraction such as Fraction(1, 10), not {share!r}"
+            raise LoadConfigError(msg)
+        if not 0 <= self.abandon_share <= 1:
+            msg = f"--abandon-share must be between 0 and 1, not {float(self.abandon_share)}"
+            raise LoadConfigError(msg)
+        if self.abandon not in HOWS:
+            msg = f"--abandon must be fin or rst, not {self.abandon!r}"
             raise LoadConfigError(msg)
 
 
@@ -109,7 +125,8 @@ async def run(config: LoadConfig, *, progress: TextIO | None = None) -> Report:
     Raises ConfigError for a TARGET that is not inet:HOST:PORT or unix:/PATH."""
     target = Target(config.target)
     stats = Stats()
-    ctx = Context(target, config.shape, stats, config.timeout)
+    abandon = Abandon(Fraction(config.abandon_share), config.abandon)
+    ctx = Context(target, config.shape, stats, config.timeout, abandon)
     started = time.monotonic()
     deadline = None if config.duration is None else started + config.duration
     budget = _Budget(config.count, deadline)
@@ -151,6 +168,8 @@ def config_summary(config: LoadConfig, target: Target) -> dict[str, object]:
         "recipients": shape.recipients,
         "marker": shape.marker,
         "marker_share": float(shape.marker_share),
+        "abandon_share": float(config.abandon_share),
+        "abandon": config.abandon,
     }
 
 

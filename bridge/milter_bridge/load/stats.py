@@ -51,6 +51,9 @@ class Stats:
         self.errors: Counter[ErrorKind] = Counter()
         self.first_errors: list[ErrorRecord] = []
         self.latencies = array("d")  # seconds, one per decided message
+        # The slowest single answer of the run (seconds) and its stage, written by the client.
+        self.worst_answer = 0.0
+        self.worst_answer_stage = ""
         self.negotiations: Counter[r.OptionNegotiationReply] = Counter()
         self.connect_failures: list[str] = []  # the first few, described
 

@@ -10,6 +10,8 @@ event negotiated without reply (NR), and is reported as unexpected.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 
 from milter_bridge.config import ListenKind, parse_listen
@@ -23,6 +25,8 @@ _BARE: dict[bytes, r.MilterReply] = {
     cls.code: cls()
     for cls in (r.Continue, r.Accept, r.Reject, r.TempFail, r.Discard, r.Skip, r.Progress)
 }
+# struct linger {l_onoff, l_linger}: on, 0 s. close() then sends RST, not FIN.
+_LINGER_0 = struct.pack("ii", 1, 0)
 
 
 class Closed(ConnectionError):
@@ -145,6 +149,34 @@ class Wire(asyncio.Protocol):
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def abandon(self, data: bytes, *, reset: bool, timeout: float) -> asyncio.Future[None]:
+        """Write the last packets and end the connection at once, reading nothing more.
+
+        The MTA went away in the middle of a message; the future is done when the
+        socket is closed. ``reset=False`` (fin): the data, then FIN (shut down for
+        writing, then closed; should an answer arrive before the close, TCP adds an
+        RST after the FIN, as for any close with unread data). ``reset=True`` (rst):
+        on TCP SO_LINGER is set to on, 0 s, so that the close sends RST and the kernel
+        drops what it has not sent yet. A unix socket has no RST: the transport is
+        aborted (what it has not handed to the kernel is dropped) and the milter sees
+        the end of the stream (Linux: ECONNRESET when the MTA's side left data unread)."""
+        transport = self.transport
+        assert transport is not None
+        if not self.closed.done():
+            transport.write(data)
+            if reset:
+                sock = transport.get_extra_info("socket")
+                if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+                transport.abort()
+            else:
+                if transport.can_write_eof():
+                    transport.write_eof()
+                transport.close()  # after the buffered data, if the kernel did not take all
+                timer = self._loop.call_later(timeout, transport.abort)
+                self.closed.add_done_callback(lambda _: timer.cancel())
+        return self.closed
 
 
 class Target:

@@ -1,0 +1,114 @@
+"""Fault matrix: three replicas of a policy that decides at RCPT and at end of message,
+under load: one killed (SIGKILL), and a rolling update (each replica in turn gets
+SIGTERM, drains, and is started again).
+
+Every message is answered within its stage's deadline plus 1 s, by the policy or
+with the failure action, never with nothing; with another replica up, a rolling
+update costs no failure action. Afterwards the replicas decide every message, a
+restarted replica takes sessions again, the bridge's descriptors are back at the
+baseline, and its log has no ERROR line and no traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from milter_bridge.load import Report
+from tests.faults.fleet import fds_settle, load, messages_ended, until_messages_ended
+from tests.faults.record import Probe, Row, scale
+from tests.faults.replicas import Replica, decided_by_the_policy, replica_fleet
+from tests.runtime.process import BridgeProcess
+
+DEADLINE = 5.0
+POLICY_OUTCOMES = {"eom continue", "eom reject 550"}
+FAILED_OUTCOMES = {"eom tempfail", "rcpt tempfail"}  # the failure action (tempfail) decided
+
+
+def answered(report: Report, count: int) -> None:
+    """Every message answered, by the replicas or with the failure action, in time."""
+    assert report.ok, report.protocol_errors
+    assert report.messages == count
+    assert set(report.outcomes) <= POLICY_OUTCOMES | FAILED_OUTCOMES, report.outcomes
+    assert set(report.refused_recipients) <= {"reject 550", "tempfail"}
+    assert report.latency.worst_answer_ms <= (DEADLINE + 1) * 1000, report.latency
+
+
+async def decided(bridge: BridgeProcess, count: int) -> Report:
+    return await load(bridge, count, recipients=2)
+
+
+async def takes_sessions_again(replica: Replica, bridge: BridgeProcess) -> None:
+    """Readiness after a restart: the bridge opens streams on the new process again."""
+    served = replica.log().count(" connection ")
+    async with asyncio.timeout(60):
+        while replica.log().count(" connection ") == served:
+            report = await decided(bridge, 6)
+            assert decided_by_the_policy(report), (report.outcomes, report.refused_recipients)
+
+
+def clean(bridge: BridgeProcess) -> None:
+    log = bridge.log()
+    assert " ERROR " not in log
+    assert "Traceback" not in log
+    failures = [line for line in log.splitlines() if " policy failure at " in line]
+    assert all(" WARNING " in line for line in failures)
+
+
+async def test_one_of_three_replicas_killed(tmp_path: Path, policy_path: tuple[str, ...]) -> None:
+    flags = (*policy_path, "--deadline", f"{DEADLINE:g}")
+    async with replica_fleet(tmp_path, 3, *flags) as (replicas, bridge):
+        assert decided_by_the_policy(await decided(bridge, 30))
+        before = Probe.take(bridge)
+        count = scale(400)
+        running = asyncio.create_task(decided(bridge, count))
+        await until_messages_ended(bridge, messages_ended(bridge) + count // 4)
+        replicas[1].signal(signal.SIGKILL)
+        report = await running
+        answered(report, count)
+        await replicas[1].restart()
+        await takes_sessions_again(replicas[1], bridge)
+        check = await decided(bridge, 60)
+        assert decided_by_the_policy(check), check
+        await fds_settle(bridge, before.fds)
+        after = Probe.take(bridge)
+        Row.build(
+            "one of three replicas SIGKILLed (c=8)", [report], before, after, DEADLINE
+        ).save().assert_settled()
+        assert after.fds <= before.fds + 1
+    clean(bridge)
+
+
+async def test_rolling_update_costs_no_failure_action(
+    tmp_path: Path, policy_path: tuple[str, ...]
+) -> None:
+    flags = (*policy_path, "--deadline", f"{DEADLINE:g}")
+    async with replica_fleet(tmp_path, 3, *flags) as (replicas, bridge):
+        assert decided_by_the_policy(await decided(bridge, 30))
+        before = Probe.take(bridge)
+        count = scale(600)
+        running = asyncio.create_task(decided(bridge, count))
+        for replica in replicas:  # one at a time, as a Deployment's rolling update
+            await until_messages_ended(bridge, messages_ended(bridge) + count // 6)
+            replica.signal(signal.SIGTERM)
+            assert await replica.exited() == 0
+            await replica.restart()
+        report = await running
+        answered(report, count)
+        for replica in replicas:
+            await takes_sessions_again(replica, bridge)
+        await fds_settle(bridge, before.fds)
+        after = Probe.take(bridge)
+        row = Row.build(
+            "rolling update: each of three replicas SIGTERMed and restarted (c=8)",
+            [report],
+            before,
+            after,
+            DEADLINE,
+        )
+        row.save().assert_settled()
+        assert decided_by_the_policy(report), report.outcomes
+        assert row.failure_actions == 0
+        assert after.fds <= before.fds + 1
+    clean(bridge)
