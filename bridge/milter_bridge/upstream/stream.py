@@ -13,7 +13,14 @@ keeps an MTA that waits for end of message alive with SMFIR_PROGRESS.
 
 Responses arrive as bytes and are parsed here: a reply that is not a
 ProcessResponse fails the stream with cause ``invalid_reply`` (grpc's own
-deserializer would log a traceback and hand ``read()`` a None).
+deserializer would log a traceback and hand ``read()`` a None). So does a
+response naming a request that was written only after the response arrived
+(a duplicate numbered ahead, an answer guessed before the question): by the
+time it is taken its sequence matches, but it cannot answer what the policy
+had not seen. Each queued response keeps the highest sequence written when it
+arrived, which is set before each write starts, so no real answer can arrive
+before it. An early answer that arrives after its request was written cannot
+be told from a real one.
 
 How a stream ended is read once, in ``status.classify`` (its table: status and
 circumstance -> cause, retry, refresh), from the status gRPC Core delivered
@@ -124,8 +131,10 @@ class PolicyStream:
         self._call: Call | None = None
         self._reader: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._unread_sizes: collections.deque[int] = collections.deque()  # of queued responses
+        # Of each queued response: its size, and the highest sequence written when it was read.
+        self._unread: collections.deque[tuple[int, int]] = collections.deque()
         self._unread_bytes = 0
+        self._written = 0  # the highest sequence handed to the current call
         self._sent: list[pb.ProcessRequest] | None = []  # None: too much to replay
         self._sent_bytes = 0
         self._replied = False
@@ -136,8 +145,9 @@ class PolicyStream:
     def _open(self) -> None:
         self._attempts += 1
         self._queue = asyncio.Queue()
-        self._unread_sizes.clear()
+        self._unread.clear()
         self._unread_bytes = 0
+        self._written = 0
         # wait_for_ready: a restarting policy is waited for; the caller's deadline bounds it.
         call = self._process(
             None, wait_for_ready=True, metadata=self._metadata()
@@ -182,7 +192,7 @@ class PolicyStream:
                     # before: dropped, so that a policy flooding progress neither fills
                     # the queue nor the MTA's socket (the connection also rate-limits).
                     continue
-                self._unread_sizes.append(len(data))
+                self._unread.append((len(data), self._written))
                 self._unread_bytes += len(data)
                 queue.put_nowait(response)
         except grpc.aio.AioRpcError as exc:
@@ -217,6 +227,8 @@ class PolicyStream:
         """Hand one request to gRPC by loop time ``until``; False (call cancelled) if not."""
         assert self._call is not None
         call = self._call
+        # Before the write starts: the policy cannot answer a request before this.
+        self._written = max(self._written, request.sequence)
 
         async def write() -> None:
             # A call that already failed refuses writes; its status reaches the reader.
@@ -256,7 +268,13 @@ class PolicyStream:
             else:
                 item = self._queue.get_nowait()
             if isinstance(item, pb.ProcessResponse):
-                self._unread_bytes -= self._unread_sizes.popleft()
+                size, written = self._unread.popleft()
+                self._unread_bytes -= size
+                if written < item.sequence <= self._written:
+                    # Sent before its request was: a guess, or meant for another. (A
+                    # sequence never written is the session's to refuse: a wrong one.)
+                    premature = f"the policy answered sequence {item.sequence} before it was sent"
+                    raise StreamFailure(premature, "invalid_reply")
                 self._replied = True
                 self._sent = None
                 return item
