@@ -8,16 +8,24 @@ kind for each stage it is valid at, and a few invalid ones.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 import struct
 from pathlib import Path
 
-from fuzz.targets import STAGES, TARGETS
+from fuzz.targets import STAGES, TARGETS, plans
 from milter_bridge.session import Stage
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.captured import all_captures
 
 CORPUS = Path(__file__).parent / "corpus"
+EXAMPLES = (
+    "content_filter",
+    "disclaimer",
+    "envelope_rewriter",
+    "header_stamper",
+    "recipient_allowlist",
+)
 
 
 def _small(frame: bytes, cut: int = 512) -> bytes:
@@ -76,8 +84,22 @@ def answer_seeds() -> list[bytes]:
     return seeds
 
 
+def capabilities_seeds() -> list[bytes]:
+    """The fuzz plans' capabilities and the examples' (what real policies describe)."""
+    seeds = [caps.SerializeToString() for caps in plans()]
+    for name in EXAMPLES:
+        policy = importlib.import_module(f"examples.{name}").policy
+        seeds.append(policy.capabilities().SerializeToString())
+    return seeds
+
+
 def main() -> None:
-    for name, seeds in {"session_feed": feed_seeds(), "session_answer": answer_seeds()}.items():
+    corpora = {
+        "session_feed": feed_seeds(),
+        "session_answer": answer_seeds(),
+        "capabilities": capabilities_seeds(),
+    }
+    for name, seeds in corpora.items():
         assert name in TARGETS
         out = CORPUS / name
         shutil.rmtree(out, ignore_errors=True)

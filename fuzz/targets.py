@@ -19,6 +19,7 @@ from milter_bridge.protocol.commands import MtaCommand
 from milter_bridge.protocol.errors import InvalidAnswer, ProtocolError
 from milter_bridge.session import Output, Plan, ProgressToMta, SendToMta, Session, Stage
 from milter_bridge.session.machine import MAX_QUEUED_COMMANDS
+from milter_bridge.session.plan import InvalidCapabilitiesError
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.session import harness as h
 
@@ -36,7 +37,7 @@ LIMITS = {
 OFFER = encode(h.OFFER_V6)
 
 
-def _plans() -> list[pb.Capabilities]:
+def plans() -> list[pb.Capabilities]:
     d, o, s = h.DECIDE, h.OBSERVE, h.SKIP
     return [
         h.decide_everything(),
@@ -56,7 +57,7 @@ def _plans() -> list[pb.Capabilities]:
     ]
 
 
-PLANS = [Plan.from_capabilities(c, "fp-fuzz") for c in _plans()]
+PLANS = [Plan.from_capabilities(c, "fp-fuzz") for c in plans()]
 
 
 class _Mta:
@@ -199,7 +200,74 @@ def session_answer(data: bytes) -> None:
     _continue_pending(session, mta)
 
 
+# -- the policy's capabilities (its Describe answer) ---------------------------
+
+# One message of every kind, command by command as an MTA sends them (the
+# bridge's own negotiation first); each awaited answer is a plain continue.
+_WHOLE_SESSION = [
+    encode(command)
+    for command in (
+        h.OFFER_V6,
+        *h.connect(),
+        *h.helo(),
+        *h.mail(),
+        *h.rcpt(),
+        *h.content(),
+        *h.eom(),
+        cmd.Abort(),
+        cmd.Unknown(b"XFOO"),
+        cmd.Quit(),
+    )
+]
+
+
+def _requests_serialize(outputs: list[Output]) -> None:
+    for output in outputs:
+        request = getattr(output, "request", None)
+        if request is not None:
+            request.SerializeToString()
+
+
+def capabilities(data: bytes) -> None:
+    """A Capabilities message parsed from the input: refused as documented
+    (``InvalidCapabilitiesError``) or, once accepted, a plan that carries a whole
+    well-formed session: the negotiation the bridge offers the MTA, every request it
+    would send (each must serialize), replies that decode, memory within the limits.
+    The MTA's side is well-formed, so here a ProtocolError is a crash too."""
+    try:
+        caps = pb.Capabilities.FromString(data)
+    except DecodeError:
+        return
+    try:
+        plan = Plan.from_capabilities(caps, "fp-fuzz")
+    except InvalidCapabilitiesError:
+        return
+    session = Session(plan, connection_id="fuzz", **LIMITS)
+    mta = _Mta()
+    for packet in _WHOLE_SESSION:
+        if session.finished:
+            break
+        outputs = session.feed(packet)
+        _requests_serialize(outputs)
+        _decode_check(mta, outputs)
+        check_memory(session)
+        for _ in range(64):
+            pending = session.pending
+            if pending is None or session.finished:
+                break
+            outputs = session.answer(
+                pb.ProcessResponse(
+                    sequence=pending.sequence, verdict=pb.Verdict(action=pb.ACTION_CONTINUE)
+                )
+            )
+            _requests_serialize(outputs)
+            _decode_check(mta, outputs)
+            check_memory(session)
+    _decode_check(mta, session.connection_lost())
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "session_feed": session_feed,
     "session_answer": session_answer,
+    "capabilities": capabilities,
 }
