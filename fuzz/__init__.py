@@ -1,1 +1,3 @@
-"""Coverage-guided fuzzing of the sans-I/O codec and session (see docs/reliability.md)."""
+"""Fuzzing (see docs/reliability.md): coverage-guided fuzzing of the sans-I/O codec and
+session (targets.py, run.py, seeds.py), and the black-box socket fuzzer of a running bridge
+(blackbox.py, with mutate.py, inputs.py, exchange.py, summary.py)."""
