@@ -21,6 +21,7 @@ from milter_bridge.v1 import policy_pb2_grpc
 from milter_policy.dispatch import Dispatcher
 from milter_policy.policy import Policy
 from milter_policy.security import BearerTokenCheck, ServerTls
+from milter_policy.shared import SharedService
 
 log = logging.getLogger("milter_policy")
 
@@ -126,15 +127,21 @@ class PolicyServer:
         self._server = grpc.aio.server(options=options, interceptors=interceptors)
 
     async def start(self) -> None:
-        """Listen and serve: PolicyService, gRPC health (SERVING) and reflection."""
+        """Listen and serve: PolicyService, SharedPolicyService, gRPC health (SERVING) and
+        reflection."""
         servicer = _Service(self.policy, self._executor)
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, self._server)
+        shared = SharedService(
+            self.policy, self._executor, servicer.fingerprint, lambda: servicer.replica
+        )
+        policy_pb2_grpc.add_SharedPolicyServiceServicer_to_server(shared, self._server)
         health = self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
         service = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
         reflection.enable_server_reflection(
             (
                 service,
+                pb.DESCRIPTOR.services_by_name["SharedPolicyService"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

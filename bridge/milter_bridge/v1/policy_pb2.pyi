@@ -232,6 +232,195 @@ ACTION_SKIP: Action.ValueType  # 6
 Global___Action: _TypeAlias = Action  # noqa: Y015
 
 @_typing.final
+class SessionsRequest(_message.Message):
+    """What the bridge sends on a Sessions stream: requests of one or more sessions.
+    The requests of one session are in order, across messages too.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionRequest]:
+        """At least one."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SessionRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionsRequest: _TypeAlias = SessionsRequest  # noqa: Y015
+
+@_typing.final
+class SessionRequest(_message.Message):
+    """One request of one session on a Sessions stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    session: _builtins.int
+    """The session's key on this stream, chosen by the bridge: unique among the
+    stream's sessions and never reused on it. Not StreamStart.session_id,
+    which names the SMTP session in logs and stays the same when a session
+    moves to another stream.
+    """
+    @_builtins.property
+    def request(self) -> Global___ProcessRequest:
+        """The session's next request, as on Process. A session's first is `start`."""
+
+    @_builtins.property
+    def end(self) -> Global___SessionEnd:
+        """The session is over on this stream: no more requests; the policy
+        forgets it (Process's half-close: the "close" event). Never answered.
+        """
+
+    def __init__(
+        self,
+        *,
+        session: _builtins.int = ...,
+        request: Global___ProcessRequest | None = ...,
+        end: Global___SessionEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "kind", b"kind", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "kind", b"kind", "request", b"request", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["request", "end"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionEnd(_message.Message):
+    """The end of a session on a Sessions stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for logs: e.g. "quit", "the MTA closed the connection", or a failure
+    the bridge answered with the failure action.
+    """
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionEnd: _TypeAlias = SessionEnd  # noqa: Y015
+
+@_typing.final
+class SessionsResponse(_message.Message):
+    """What the policy sends on a Sessions stream: responses for one or more sessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResponse]:
+        """At least one."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___SessionResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionsResponse: _TypeAlias = SessionsResponse  # noqa: Y015
+
+@_typing.final
+class SessionResponse(_message.Message):
+    """One response for one session on a Sessions stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    session: _builtins.int
+    """The session's key, as in its SessionRequest."""
+    @_builtins.property
+    def response(self) -> Global___ProcessResponse:
+        """A response as on Process (a verdict, progress, or an end_of_message
+        answer), naming the `sequence` it answers.
+        """
+
+    @_builtins.property
+    def error(self) -> Global___SessionError:
+        """The policy ends this session: the bridge answers what awaits an
+        answer with the failure action and sends nothing more of the session
+        on this stream. What a status ends on Process.
+        """
+
+    def __init__(
+        self,
+        *,
+        session: _builtins.int = ...,
+        response: Global___ProcessResponse | None = ...,
+        error: Global___SessionError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "kind", b"kind", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "kind", b"kind", "response", b"response", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+
+@_typing.final
+class SessionError(_message.Message):
+    """A policy's end of one session on a Sessions stream: what a status would say
+    on Process.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A gRPC status code number (google.rpc.Code), read as the same status on
+    Process would be: FAILED_PRECONDITION refuses the session (its
+    StreamStart.fingerprint is not the policy's current one; the bridge calls
+    Describe again); any other is an error of the policy.
+    """
+    message: _builtins.str
+    """For logs."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionError: _TypeAlias = SessionError  # noqa: Y015
+
+@_typing.final
 class DescribeRequest(_message.Message):
     """Describe's request. Empty today; fields may be added."""
 
@@ -535,6 +724,7 @@ class Capabilities(_message.Message):
     MACROS_FIELD_NUMBER: _builtins.int
     REJECTED_RECIPIENTS_FIELD_NUMBER: _builtins.int
     HEADER_LEADING_SPACE_FIELD_NUMBER: _builtins.int
+    SHARED_STREAMS_FIELD_NUMBER: _builtins.int
     header_delivery: Global___HeaderDelivery.ValueType
     """How headers are delivered (required unless events.header and
     events.end_of_headers are both SKIP).
@@ -556,6 +746,10 @@ class Capabilities(_message.Message):
     the colon (milter SMFIP_HDR_LEADSPC). When false the MTA removes one
     leading space from values it sends and adds one to values the policy adds
     or changes, which is what most policies want.
+    """
+    shared_streams: _builtins.bool
+    """The policy serves Sessions: the bridge may carry many sessions on one
+    stream instead of opening a Process stream per session.
     """
     @_builtins.property
     def events(self) -> Global___EventModes:
@@ -585,10 +779,11 @@ class Capabilities(_message.Message):
         macros: Global___MacroRequest | None = ...,
         rejected_recipients: _builtins.bool = ...,
         header_leading_space: _builtins.bool = ...,
+        shared_streams: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "end_of_message_content", b"end_of_message_content", "events", b"events", "macros", b"macros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "body_delivery", b"body_delivery", "body_limit", b"body_limit", "end_of_message_content", b"end_of_message_content", "events", b"events", "header_delivery", b"header_delivery", "header_leading_space", b"header_leading_space", "macros", b"macros", "rejected_recipients", b"rejected_recipients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "body_delivery", b"body_delivery", "body_limit", b"body_limit", "end_of_message_content", b"end_of_message_content", "events", b"events", "header_delivery", b"header_delivery", "header_leading_space", b"header_leading_space", "macros", b"macros", "rejected_recipients", b"rejected_recipients", "shared_streams", b"shared_streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

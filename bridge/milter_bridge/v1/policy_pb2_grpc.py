@@ -259,3 +259,133 @@ class PolicyService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SharedPolicyServiceStub:
+    """Many SMTP sessions on long-lived streams: the way to serve a policy that
+    scales, for a policy whose capabilities (PolicyService.Describe) set
+    `shared_streams`. A policy that does not set them is only ever called on
+    PolicyService.Process and need not implement this service.
+
+    Each session's conversation is the one of Process, steps 2 to 6 of
+    PolicyService's comment, carried in SessionRequest and SessionResponse under
+    the session's key instead of on a stream of its own: its requests in order,
+    `start` first; one final response per request that expects one; the end of
+    the session is SessionRequest.end instead of the half-close. The requests of
+    several sessions that are ready at the same time arrive together in one
+    SessionsRequest, and a policy may answer several in one SessionsResponse.
+    Sessions are independent: a policy must not let one session's slow handler
+    delay the others, and a failure of one session (SessionResponse.error) ends
+    that session only. The bridge ends a stream by half-closing it (the policy
+    then ends the call with status OK, once the sessions on it are answered) or
+    cancels it; a status that ends the call ends every session on it. A policy
+    may name itself in the initial metadata `milter-policy-replica` as on
+    Process.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Sessions = channel.stream_stream(
+                '/milter_bridge.v1.SharedPolicyService/Sessions',
+                request_serializer=milter__bridge_dot_v1_dot_policy__pb2.SessionsRequest.SerializeToString,
+                response_deserializer=milter__bridge_dot_v1_dot_policy__pb2.SessionsResponse.FromString,
+                _registered_method=True)
+
+
+class SharedPolicyServiceServicer:
+    """Many SMTP sessions on long-lived streams: the way to serve a policy that
+    scales, for a policy whose capabilities (PolicyService.Describe) set
+    `shared_streams`. A policy that does not set them is only ever called on
+    PolicyService.Process and need not implement this service.
+
+    Each session's conversation is the one of Process, steps 2 to 6 of
+    PolicyService's comment, carried in SessionRequest and SessionResponse under
+    the session's key instead of on a stream of its own: its requests in order,
+    `start` first; one final response per request that expects one; the end of
+    the session is SessionRequest.end instead of the half-close. The requests of
+    several sessions that are ready at the same time arrive together in one
+    SessionsRequest, and a policy may answer several in one SessionsResponse.
+    Sessions are independent: a policy must not let one session's slow handler
+    delay the others, and a failure of one session (SessionResponse.error) ends
+    that session only. The bridge ends a stream by half-closing it (the policy
+    then ends the call with status OK, once the sessions on it are answered) or
+    cancels it; a status that ends the call ends every session on it. A policy
+    may name itself in the initial metadata `milter-policy-replica` as on
+    Process.
+    """
+
+    def Sessions(self, request_iterator, context):
+        """One long-lived stream carrying many sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SharedPolicyServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Sessions': grpc.stream_stream_rpc_method_handler(
+                    servicer.Sessions,
+                    request_deserializer=milter__bridge_dot_v1_dot_policy__pb2.SessionsRequest.FromString,
+                    response_serializer=milter__bridge_dot_v1_dot_policy__pb2.SessionsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'milter_bridge.v1.SharedPolicyService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('milter_bridge.v1.SharedPolicyService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SharedPolicyService:
+    """Many SMTP sessions on long-lived streams: the way to serve a policy that
+    scales, for a policy whose capabilities (PolicyService.Describe) set
+    `shared_streams`. A policy that does not set them is only ever called on
+    PolicyService.Process and need not implement this service.
+
+    Each session's conversation is the one of Process, steps 2 to 6 of
+    PolicyService's comment, carried in SessionRequest and SessionResponse under
+    the session's key instead of on a stream of its own: its requests in order,
+    `start` first; one final response per request that expects one; the end of
+    the session is SessionRequest.end instead of the half-close. The requests of
+    several sessions that are ready at the same time arrive together in one
+    SessionsRequest, and a policy may answer several in one SessionsResponse.
+    Sessions are independent: a policy must not let one session's slow handler
+    delay the others, and a failure of one session (SessionResponse.error) ends
+    that session only. The bridge ends a stream by half-closing it (the policy
+    then ends the call with status OK, once the sessions on it are answered) or
+    cancels it; a status that ends the call ends every session on it. A policy
+    may name itself in the initial metadata `milter-policy-replica` as on
+    Process.
+    """
+
+    @staticmethod
+    def Sessions(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/milter_bridge.v1.SharedPolicyService/Sessions',
+            milter__bridge_dot_v1_dot_policy__pb2.SessionsRequest.SerializeToString,
+            milter__bridge_dot_v1_dot_policy__pb2.SessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

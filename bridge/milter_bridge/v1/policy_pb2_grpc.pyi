@@ -225,3 +225,91 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_PolicyServiceServicer_to_server(servicer: PolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SharedPolicyServiceStub:
+    """Many SMTP sessions on long-lived streams: the way to serve a policy that
+    scales, for a policy whose capabilities (PolicyService.Describe) set
+    `shared_streams`. A policy that does not set them is only ever called on
+    PolicyService.Process and need not implement this service.
+
+    Each session's conversation is the one of Process, steps 2 to 6 of
+    PolicyService's comment, carried in SessionRequest and SessionResponse under
+    the session's key instead of on a stream of its own: its requests in order,
+    `start` first; one final response per request that expects one; the end of
+    the session is SessionRequest.end instead of the half-close. The requests of
+    several sessions that are ready at the same time arrive together in one
+    SessionsRequest, and a policy may answer several in one SessionsResponse.
+    Sessions are independent: a policy must not let one session's slow handler
+    delay the others, and a failure of one session (SessionResponse.error) ends
+    that session only. The bridge ends a stream by half-closing it (the policy
+    then ends the call with status OK, once the sessions on it are answered) or
+    cancels it; a status that ends the call ends every session on it. A policy
+    may name itself in the initial metadata `milter-policy-replica` as on
+    Process.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SharedPolicyServiceAsyncStub: ...
+    Sessions: _grpc.StreamStreamMultiCallable[_policy_pb2.SessionsRequest, _policy_pb2.SessionsResponse]
+    """One long-lived stream carrying many sessions."""
+
+@_typing.type_check_only
+class SharedPolicyServiceAsyncStub(SharedPolicyServiceStub):
+    """Many SMTP sessions on long-lived streams: the way to serve a policy that
+    scales, for a policy whose capabilities (PolicyService.Describe) set
+    `shared_streams`. A policy that does not set them is only ever called on
+    PolicyService.Process and need not implement this service.
+
+    Each session's conversation is the one of Process, steps 2 to 6 of
+    PolicyService's comment, carried in SessionRequest and SessionResponse under
+    the session's key instead of on a stream of its own: its requests in order,
+    `start` first; one final response per request that expects one; the end of
+    the session is SessionRequest.end instead of the half-close. The requests of
+    several sessions that are ready at the same time arrive together in one
+    SessionsRequest, and a policy may answer several in one SessionsResponse.
+    Sessions are independent: a policy must not let one session's slow handler
+    delay the others, and a failure of one session (SessionResponse.error) ends
+    that session only. The bridge ends a stream by half-closing it (the policy
+    then ends the call with status OK, once the sessions on it are answered) or
+    cancels it; a status that ends the call ends every session on it. A policy
+    may name itself in the initial metadata `milter-policy-replica` as on
+    Process.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Sessions: _aio.StreamStreamMultiCallable[_policy_pb2.SessionsRequest, _policy_pb2.SessionsResponse]  # type: ignore[assignment]
+    """One long-lived stream carrying many sessions."""
+
+class SharedPolicyServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Many SMTP sessions on long-lived streams: the way to serve a policy that
+    scales, for a policy whose capabilities (PolicyService.Describe) set
+    `shared_streams`. A policy that does not set them is only ever called on
+    PolicyService.Process and need not implement this service.
+
+    Each session's conversation is the one of Process, steps 2 to 6 of
+    PolicyService's comment, carried in SessionRequest and SessionResponse under
+    the session's key instead of on a stream of its own: its requests in order,
+    `start` first; one final response per request that expects one; the end of
+    the session is SessionRequest.end instead of the half-close. The requests of
+    several sessions that are ready at the same time arrive together in one
+    SessionsRequest, and a policy may answer several in one SessionsResponse.
+    Sessions are independent: a policy must not let one session's slow handler
+    delay the others, and a failure of one session (SessionResponse.error) ends
+    that session only. The bridge ends a stream by half-closing it (the policy
+    then ends the call with status OK, once the sessions on it are answered) or
+    cancels it; a status that ends the call ends every session on it. A policy
+    may name itself in the initial metadata `milter-policy-replica` as on
+    Process.
+    """
+
+    @_abc_1.abstractmethod
+    def Sessions(
+        self,
+        request_iterator: _MaybeAsyncIterator[_policy_pb2.SessionsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_policy_pb2.SessionsResponse], _abc.AsyncIterator[_policy_pb2.SessionsResponse]]:
+        """One long-lived stream carrying many sessions."""
+
+def add_SharedPolicyServiceServicer_to_server(servicer: SharedPolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

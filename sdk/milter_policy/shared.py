@@ -1,0 +1,151 @@
+"""SharedPolicyService.Sessions: many SMTP sessions on one long-lived stream.
+
+Each session gets the Dispatcher a Process stream would get and a task of its
+own that takes its requests in order, so that one session's slow handler never
+delays another's. Whatever the sessions have to say is collected in one queue
+and written as few SessionsResponse messages as there are moments something is
+ready. A failure of one session (a refusal by fingerprint, a request that
+cannot begin a session) ends that session only, with a SessionError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+
+import grpc
+import grpc.aio
+
+from milter_bridge.v1 import policy_pb2 as pb
+from milter_bridge.v1 import policy_pb2_grpc
+from milter_policy.dispatch import Dispatcher
+from milter_policy.policy import Policy
+
+log = logging.getLogger("milter_policy")
+
+_END = object()  # the stream's end: every session is over
+_Out = asyncio.Queue[pb.SessionResponse | object]
+
+
+class _Session:
+    """One session of a shared stream: its dispatcher, its requests in order."""
+
+    def __init__(self, key: int, dispatcher: Dispatcher, out: _Out) -> None:
+        self.key = key
+        self.dispatcher = dispatcher
+        self.out = out
+        self.requests: asyncio.Queue[pb.ProcessRequest | None] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while (request := await self.requests.get()) is not None:
+            try:
+                responses = await self.dispatcher.handle(request)
+            except Exception as exc:  # the dispatcher's own failure, not a handler's
+                log.exception("session %d failed", self.key)
+                self.out.put_nowait(_error(self.key, grpc.StatusCode.INTERNAL, repr(exc)))
+                return
+            for response in responses:
+                self.out.put_nowait(pb.SessionResponse(session=self.key, response=response))
+        await self.dispatcher.close()
+
+
+def _error(key: int, code: grpc.StatusCode, message: str) -> pb.SessionResponse:
+    number: int = code.value[0]
+    return pb.SessionResponse(session=key, error=pb.SessionError(code=number, message=message))
+
+
+class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
+    def __init__(
+        self,
+        policy: Policy,
+        executor: Executor,
+        fingerprint: str,
+        replica: Callable[[], str],
+    ) -> None:
+        self.policy = policy
+        self.executor = executor
+        self.fingerprint = fingerprint
+        self.replica = replica  # known once the server has its port
+
+    async def Sessions(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.SessionsRequest],
+        context: grpc.aio.ServicerContext[pb.SessionsRequest, pb.SessionsResponse],
+    ) -> AsyncIterator[pb.SessionsResponse]:
+        await context.send_initial_metadata((("milter-policy-replica", self.replica()),))
+        out: _Out = asyncio.Queue()
+        sessions: dict[int, _Session | None] = {}  # None: refused, its requests dropped
+        consumer = asyncio.ensure_future(self._consume(request_iterator, sessions, out))
+        try:
+            while (item := await out.get()) is not _END:
+                batch = [item]
+                while not out.empty() and (item := out.get_nowait()) is not _END:
+                    batch.append(item)
+                yield pb.SessionsResponse(responses=batch)  # type: ignore[arg-type]
+                if item is _END:
+                    break
+        finally:
+            consumer.cancel()
+            for session in sessions.values():
+                if session is not None:
+                    session.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+
+    async def _consume(
+        self,
+        request_iterator: AsyncIterator[pb.SessionsRequest],
+        sessions: dict[int, _Session | None],
+        out: _Out,
+    ) -> None:
+        try:
+            async for batch in request_iterator:
+                for item in batch.requests:
+                    self._take(item, sessions, out)
+            # The bridge half-closed: every session still open is over.
+            for session in sessions.values():
+                if session is not None:
+                    session.requests.put_nowait(None)
+            await asyncio.gather(*(s.task for s in sessions.values() if s is not None))
+        finally:
+            out.put_nowait(_END)
+
+    def _take(
+        self, item: pb.SessionRequest, sessions: dict[int, _Session | None], out: _Out
+    ) -> None:
+        key = item.session
+        if item.HasField("end"):
+            session = sessions.pop(key, None)
+            if session is not None:
+                session.requests.put_nowait(None)
+            return
+        if key in sessions:
+            session = sessions[key]
+            if session is not None:
+                session.requests.put_nowait(item.request)
+            return
+        request = item.request
+        if not request.HasField("start"):
+            sessions[key] = None
+            message = "a session's first request must be start"
+            out.put_nowait(_error(key, grpc.StatusCode.INVALID_ARGUMENT, message))
+            return
+        if request.start.fingerprint not in ("", self.fingerprint):
+            sessions[key] = None
+            message = "the policy's capabilities changed"
+            out.put_nowait(_error(key, grpc.StatusCode.FAILED_PRECONDITION, message))
+            return
+        log.debug("session %s", request.start.session_id)
+        dispatcher = Dispatcher(
+            self.policy,
+            self.executor,
+            on_progress=lambda response: out.put_nowait(
+                pb.SessionResponse(session=key, response=response)
+            ),
+        )
+        session = sessions[key] = _Session(key, dispatcher, out)
+        session.requests.put_nowait(request)

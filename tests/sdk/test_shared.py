@@ -1,0 +1,146 @@
+"""The SDK's SharedPolicyService.Sessions, through a real PolicyServer on port 0 and a raw
+grpc.aio client: sessions on one stream answered under their keys, a slow session beside
+fast ones, a refusal by fingerprint that ends one session only, the close handler at a
+session's end and at the stream's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+
+from milter_bridge.v1 import policy_pb2 as pb
+from milter_bridge.v1 import policy_pb2_grpc
+from milter_policy import Context, Policy, PolicyServer
+
+Call = grpc.aio.StreamStreamCall[pb.SessionsRequest, pb.SessionsResponse]
+
+
+def start(key: int, fingerprint: str = "") -> pb.SessionRequest:
+    request = pb.ProcessRequest(
+        sequence=1, start=pb.StreamStart(fingerprint=fingerprint, session_id=f"s{key}")
+    )
+    return pb.SessionRequest(session=key, request=request)
+
+
+def mail(key: int, sender: str) -> pb.SessionRequest:
+    request = pb.ProcessRequest(
+        sequence=2, reply_expected=True, mail_from=pb.MailFrom(address=f"<{sender}>")
+    )
+    return pb.SessionRequest(session=key, request=request)
+
+
+def end(key: int) -> pb.SessionRequest:
+    return pb.SessionRequest(session=key, end=pb.SessionEnd(reason="quit"))
+
+
+class Slow:
+    """A policy that rejects mail from bad@…, and holds mail from slow@… until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.closed: list[str] = []
+        self.policy = Policy("shared-test")
+
+        @self.policy.mail_from
+        async def check(ctx: Context, address: str, args: list[str]) -> None:
+            if "slow@" in address:
+                await self.release.wait()
+            if "bad@" in address:
+                ctx.reject("no", code=550, xcode="5.7.1")
+
+        @self.policy.close
+        def closed(ctx: Context) -> None:
+            self.closed.append(ctx.connection_id)
+
+
+@contextlib.asynccontextmanager
+async def shared_call(policy: Policy) -> AsyncIterator[Call]:
+    server = PolicyServer(policy, "127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield policy_pb2_grpc.SharedPolicyServiceStub(channel).Sessions(None)
+    finally:
+        await server.stop(0)
+
+
+async def responses(call: Call, count: int) -> list[pb.SessionResponse]:
+    got: list[pb.SessionResponse] = []
+    while len(got) < count:
+        batch = await call.read()
+        assert isinstance(batch, pb.SessionsResponse), batch
+        got.extend(batch.responses)
+    return got
+
+
+def actions(got: list[pb.SessionResponse]) -> dict[int, int]:
+    return {r.session: r.response.verdict.action for r in got}
+
+
+async def test_sessions_in_one_message_answered_under_their_keys() -> None:
+    slow = Slow()
+    async with shared_call(slow.policy) as call:
+        metadata = dict(await call.initial_metadata())
+        assert str(metadata["milter-policy-replica"]).rsplit(":", 1)[1].isdigit()  # host:port
+        await call.write(
+            pb.SessionsRequest(
+                requests=[start(7), start(9), mail(7, "good@x.test"), mail(9, "bad@x.test")]
+            )
+        )
+        got = await responses(call, 2)
+        assert actions(got) == {7: pb.ACTION_CONTINUE, 9: pb.ACTION_REJECT}
+        assert all(r.response.sequence == 2 for r in got)
+        await call.write(pb.SessionsRequest(requests=[end(7), end(9)]))
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+        assert await call.code() is grpc.StatusCode.OK
+    assert sorted(slow.closed) == ["s7", "s9"]
+
+
+async def test_a_slow_session_does_not_delay_the_others() -> None:
+    slow = Slow()
+    async with shared_call(slow.policy) as call:
+        await call.write(pb.SessionsRequest(requests=[start(1), mail(1, "slow@x.test")]))
+        # While session 1's handler waits, sessions 2 and 3 are answered: the barrier
+        # is their answers, which come before session 1's.
+        await call.write(
+            pb.SessionsRequest(
+                requests=[start(2), mail(2, "bad@x.test"), start(3), mail(3, "ok@x.test")]
+            )
+        )
+        assert actions(await responses(call, 2)) == {2: pb.ACTION_REJECT, 3: pb.ACTION_CONTINUE}
+        slow.release.set()
+        assert actions(await responses(call, 1)) == {1: pb.ACTION_CONTINUE}
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+    # The half-close ended every session still open.
+    assert sorted(slow.closed) == ["s1", "s2", "s3"]
+
+
+async def test_a_refused_session_ends_alone() -> None:
+    slow = Slow()
+    async with shared_call(slow.policy) as call:
+        await call.write(
+            pb.SessionsRequest(
+                requests=[
+                    start(1, fingerprint="an-old-one"),
+                    mail(1, "ok@x.test"),  # of a refused session: dropped
+                    pb.SessionRequest(session=2, request=mail(2, "ok@x.test").request),
+                    start(3, fingerprint=slow.policy.fingerprint),
+                    mail(3, "ok@x.test"),
+                ]
+            )
+        )
+        got = {r.session: r for r in await responses(call, 3)}
+        assert got[1].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert got[2].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert got[3].response.verdict.action == pb.ACTION_CONTINUE
+        await call.write(pb.SessionsRequest(requests=[end(1), end(2), end(3)]))
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+        assert await call.code() is grpc.StatusCode.OK
+    assert slow.closed == ["s3"]  # only the session that began
