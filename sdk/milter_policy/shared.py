@@ -79,7 +79,8 @@ class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
         await context.send_initial_metadata((("milter-policy-replica", self.replica()),))
         out: _Out = asyncio.Queue()
         sessions: dict[int, _Session | None] = {}  # None: refused, its requests dropped
-        consumer = asyncio.ensure_future(self._consume(request_iterator, sessions, out))
+        tasks: set[asyncio.Future[None]] = set()  # of every session, ended ones included
+        consumer = asyncio.ensure_future(self._consume(request_iterator, sessions, tasks, out))
         try:
             while (item := await out.get()) is not _END:
                 batch = [item]
@@ -90,9 +91,8 @@ class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
                     break
         finally:
             consumer.cancel()
-            for session in sessions.values():
-                if session is not None:
-                    session.task.cancel()
+            for task in tasks:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
 
@@ -100,45 +100,51 @@ class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
         self,
         request_iterator: AsyncIterator[pb.SessionsRequest],
         sessions: dict[int, _Session | None],
+        tasks: set[asyncio.Future[None]],
         out: _Out,
     ) -> None:
         try:
             async for batch in request_iterator:
                 for item in batch.requests:
-                    self._take(item, sessions, out)
-            # The bridge half-closed: every session still open is over.
-            for session in sessions.values():
-                if session is not None:
-                    session.requests.put_nowait(None)
-            await asyncio.gather(*(s.task for s in sessions.values() if s is not None))
+                    session = self._take(item, sessions, out)
+                    if session is not None:
+                        tasks.add(session.task)
+                        session.task.add_done_callback(tasks.discard)
+            # The bridge half-closed: every session still open is over. The call ends
+            # once every session has ended, those the bridge ended before included.
+            for open_session in sessions.values():
+                if open_session is not None:
+                    open_session.requests.put_nowait(None)
+            await asyncio.gather(*tasks)
         finally:
             out.put_nowait(_END)
 
     def _take(
         self, item: pb.SessionRequest, sessions: dict[int, _Session | None], out: _Out
-    ) -> None:
+    ) -> _Session | None:
+        """Hand one request to its session; the session when this began it."""
         key = item.session
         if item.HasField("end"):
             session = sessions.pop(key, None)
             if session is not None:
                 session.requests.put_nowait(None)
-            return
+            return None
         if key in sessions:
             session = sessions[key]
             if session is not None:
                 session.requests.put_nowait(item.request)
-            return
+            return None
         request = item.request
         if not request.HasField("start"):
             sessions[key] = None
             message = "a session's first request must be start"
             out.put_nowait(_error(key, grpc.StatusCode.INVALID_ARGUMENT, message))
-            return
+            return None
         if request.start.fingerprint not in ("", self.fingerprint):
             sessions[key] = None
             message = "the policy's capabilities changed"
             out.put_nowait(_error(key, grpc.StatusCode.FAILED_PRECONDITION, message))
-            return
+            return None
         log.debug("session %s", request.start.session_id)
         dispatcher = Dispatcher(
             self.policy,
@@ -149,3 +155,4 @@ class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
         )
         session = sessions[key] = _Session(key, dispatcher, out)
         session.requests.put_nowait(request)
+        return session

@@ -42,12 +42,14 @@ class Slow:
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.waiting: list[str] = []  # sessions whose handler waits for the release
         self.closed: list[str] = []
         self.policy = Policy("shared-test")
 
         @self.policy.mail_from
         async def check(ctx: Context, address: str, args: list[str]) -> None:
             if "slow@" in address:
+                self.waiting.append(ctx.connection_id)
                 await self.release.wait()
             if "bad@" in address:
                 ctx.reject("no", code=550, xcode="5.7.1")

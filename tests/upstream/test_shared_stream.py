@@ -1,0 +1,107 @@
+"""upstream/shared.py against the SDK's real SharedPolicyService (a PolicyServer on port 0):
+sessions on one stream answered under their keys, written together, a refusal that fails
+one session only, a server gone that fails them all, the close handler at a session's end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from milter_bridge.upstream.channel import make_channel
+from milter_bridge.upstream.shared import SharedStream, sessions_method
+from milter_bridge.upstream.stream import StreamFailure
+from milter_bridge.v1 import policy_pb2 as pb
+from milter_policy import PolicyServer
+from tests.sdk.test_shared import Slow
+
+LONG = 30.0
+
+
+def start(session_id: str, fingerprint: str = "") -> pb.ProcessRequest:
+    return pb.ProcessRequest(
+        sequence=1, start=pb.StreamStart(fingerprint=fingerprint, session_id=session_id)
+    )
+
+
+def mail(sender: str) -> pb.ProcessRequest:
+    return pb.ProcessRequest(
+        sequence=2, reply_expected=True, mail_from=pb.MailFrom(address=f"<{sender}>")
+    )
+
+
+@contextlib.asynccontextmanager
+async def stream_to(slow: Slow) -> AsyncIterator[tuple[SharedStream, PolicyServer]]:
+    server = PolicyServer(slow.policy, "127.0.0.1:0")
+    await server.start()
+    channel = make_channel(f"127.0.0.1:{server.port}")
+    replicas: list[str] = []
+    stream = SharedStream(sessions_method(channel), on_replica=replicas.append)
+    try:
+        yield stream, server
+    finally:
+        stream.cancel()
+        await channel.close(None)
+        await server.stop(0)
+
+
+async def test_sessions_answered_under_their_keys_and_closed() -> None:
+    slow = Slow()
+    async with stream_to(slow) as (stream, _):
+        until = asyncio.get_running_loop().time() + LONG
+        one, two = stream.open_session(), stream.open_session()
+        for session, name, sender in ((one, "s1", "ok@x.test"), (two, "s2", "bad@x.test")):
+            assert await session.send(start(name), until)
+            assert await session.send(mail(sender), until)
+        assert (await two.receive(until)).verdict.action == pb.ACTION_REJECT
+        assert (await one.receive(until)).verdict.action == pb.ACTION_CONTINUE
+        await one.close()
+        await two.close()
+        assert stream.sessions == 0
+        await stream.close()
+        assert stream.broken is not None  # the policy ended the call once half-closed
+    assert sorted(slow.closed) == ["s1", "s2"]
+
+
+async def test_a_refused_session_fails_alone() -> None:
+    slow = Slow()
+    async with stream_to(slow) as (stream, _):
+        until = asyncio.get_running_loop().time() + LONG
+        refused, fine = stream.open_session(), stream.open_session()
+        await refused.send(start("old", fingerprint="an-old-one"), until)
+        await refused.send(mail("ok@x.test"), until)
+        await fine.send(start("new", fingerprint=slow.policy.fingerprint), until)
+        await fine.send(mail("ok@x.test"), until)
+        with pytest.raises(StreamFailure) as failed:
+            await refused.receive(until)
+        assert failed.value.cause == "refused_stream"
+        assert failed.value.refresh_capabilities
+        assert (await fine.receive(until)).verdict.action == pb.ACTION_CONTINUE
+        assert stream.broken is None
+        assert not await refused.send(mail("again@x.test"), until)  # over on this stream
+
+
+async def test_a_server_gone_fails_every_session_on_the_stream() -> None:
+    slow = Slow()
+    async with stream_to(slow) as (stream, server):
+        until = asyncio.get_running_loop().time() + LONG
+        waiting = [stream.open_session() for _ in range(3)]
+        for n, session in enumerate(waiting):
+            await session.send(start(f"s{n}"), until)
+            await session.send(mail("slow@x.test"), until)  # held by the policy
+        # The barrier that the requests arrived: the policy's handlers are waiting.
+        async with asyncio.timeout(LONG):
+            while len(slow.waiting) < 3:
+                await asyncio.sleep(0.01)
+        await server.stop(0)
+        causes = []
+        for session in waiting:
+            try:
+                await session.receive(until)
+            except StreamFailure as exc:
+                causes.append(exc.cause)
+        assert causes == ["unreachable"] * 3
+        assert stream.broken is not None
+        assert stream.broken.cause == "unreachable"
