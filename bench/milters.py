@@ -1,4 +1,4 @@
-"""The four milter setups of the benchmark and how each is started.
+"""The milter setups of the benchmark and how each is started.
 
 Every milter listens on a unix socket, the bridge's policy too. Over TCP
 loopback libmilter would be measured wrongly: it writes an added header and
@@ -28,13 +28,20 @@ class Milter:
     key: str  # as --milters names it
     label: str  # in the table
     policy_apart: bool  # its policy runs in a process of its own
+    bridge_flags: tuple[str, ...] = ()  # the bridge's, beside --listen and --upstream
 
 
 C_ALL = Milter("c-all", "libmilter C, every callback", policy_apart=False)
 C_HEADER_EOM_ONLY = Milter("c-hdr-eom", "libmilter C, header + eom only", policy_apart=False)
 PYMILTER = Milter("pymilter", "pymilter, every callback", policy_apart=False)
 BRIDGE = Milter("bridge", "bridge + SDK policy", policy_apart=True)
-MILTERS = {m.key: m for m in (C_ALL, C_HEADER_EOM_ONLY, PYMILTER, BRIDGE)}
+BRIDGE_SHARED = Milter(
+    "bridge-shared",
+    "bridge (4 shared streams) + SDK policy",
+    policy_apart=True,
+    bridge_flags=("--policy-streams", "4"),
+)
+MILTERS = {m.key: m for m in (C_ALL, C_HEADER_EOM_ONLY, PYMILTER, BRIDGE, BRIDGE_SHARED)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +90,7 @@ def started(
     processes: list[Process] = []
     try:
         policy = None
-        if milter is BRIDGE:
+        if milter.policy_apart:
             policy_sock = directory / "policy.sock"
             policy_argv = [python, "-m", "bench.sdk_policy", f"unix:{policy_sock}", marker]
             policy = Process("policy", policy_argv, core=core, log_dir=directory)
@@ -94,6 +101,7 @@ def started(
             bridge_argv = [
                 *(python, "-m", "milter_bridge"),
                 *("--listen", f"unix:{sock}", "--upstream", f"unix:{policy_sock}"),
+                *milter.bridge_flags,
             ]
             main = Process("bridge", bridge_argv, core=core, log_dir=directory)
         elif milter is PYMILTER:

@@ -81,7 +81,7 @@ class Row:
     def of(cls, runs: list[Measurement], idle: dict[str, float]) -> Row:
         first = runs[0]
         milter = MILTERS[first.milter]
-        main = BRIDGE.key if milter is BRIDGE else milter.key
+        main = BRIDGE.key if milter.policy_apart else milter.key  # the bridge's process
         row = cls(
             milter=milter.key,
             label=milter.label,

@@ -37,6 +37,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "max_header_buffer": ("2048", "2048"),
     "max_headers": ("50", "50"),
     "max_recipients": ("60", "60"),
+    "policy_streams": ("4", "4"),
     "max_recipient_buffer": ("4096", "4096"),
     "mta_idle_timeout": ("60", "60"),
     "log_level": ("debug", '"debug"'),
@@ -306,6 +307,14 @@ def test_message_limits_must_be_positive(field: str, flag: str, value: int) -> N
     env = BY_NAME[field].env
     with pytest.raises(ConfigError, match=f"^{env}: {value} must be greater than 0"):
         config_from(loaded(REQUIRED, {env: str(value)}))
+
+
+@pytest.mark.parametrize("value", [-1, 65])
+def test_policy_streams_between_0_and_64(value: int) -> None:
+    listen = parse_listen("inet:127.0.0.1:1")
+    with pytest.raises(ConfigError, match=f"^--policy-streams: {value} is not between 0 and 64"):
+        Config(listen=listen, upstream="p:1", policy_streams=value)
+    assert Config(listen=listen, upstream="p:1").policy_streams == 0  # a stream per session
 
 
 def test_recipient_limits_default_like_the_header_limits() -> None:

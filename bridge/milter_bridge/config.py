@@ -48,6 +48,7 @@ from milter_bridge.options import (
     settings_class,
     show_octal,
     show_on_off,
+    stream_count,
     text,
     whole,
 )
@@ -301,6 +302,16 @@ class Config:
         check=seconds_or_zero,
         metavar=_SECONDS,
         help="how long connections may finish after SIGTERM",
+    )
+    policy_streams: int = option(
+        default=0,
+        parse=whole,
+        check=stream_count,
+        metavar="COUNT",
+        help=(
+            "carry the SMTP sessions on this many long-lived shared streams when the policy"
+            " offers them (Capabilities.shared_streams); 0: a Process stream per session"
+        ),
     )
     max_packet_size: int = option(
         default=DEFAULT_MAX_PACKET_SIZE,

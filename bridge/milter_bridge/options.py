@@ -249,6 +249,15 @@ def positive(value: float) -> str | None:
     return None if 0 < value < math.inf else f"{value} must be greater than 0 and finite"
 
 
+MAX_POLICY_STREAMS = 64
+
+
+def stream_count(value: float) -> str | None:
+    if 0 <= value <= MAX_POLICY_STREAMS:
+        return None
+    return f"{value} is not between 0 and {MAX_POLICY_STREAMS}"
+
+
 def seconds_or_zero(value: float) -> str | None:
     return None if 0 <= value < math.inf else f"{value} is not a number of seconds"
 

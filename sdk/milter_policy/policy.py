@@ -307,6 +307,8 @@ class Policy:
             ),
             actions=pb.Actions(**{a: a in self.actions for a in ACTIONS}),
             macros=pb.MacroRequest(**self.macros),
+            # PolicyServer serves SharedPolicyService too (milter_policy/shared.py).
+            shared_streams=True,
         )
 
     @property

@@ -12,9 +12,13 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
+from milter_bridge.protocol import commands as cmd
+from milter_bridge.protocol import replies as r
 from milter_bridge.v1 import policy_pb2 as pb
 from milter_bridge.v1 import policy_pb2_grpc
 from milter_policy import Context, Policy, PolicyServer
+from tests.sdk.test_sdk import bridged, mta, stamper
+from tests.session import harness as h
 
 Call = grpc.aio.StreamStreamCall[pb.SessionsRequest, pb.SessionsResponse]
 
@@ -146,3 +150,28 @@ async def test_a_refused_session_ends_alone() -> None:
         assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]
         assert await call.code() is grpc.StatusCode.OK
     assert slow.closed == ["s3"]  # only the session that began
+
+
+async def test_through_the_bridge_on_shared_streams() -> None:
+    """A bridge with --policy-streams 2 carries 12 SMTP sessions, 4 at a time, on two
+    long-lived streams: every message gets the policy's verdict, no Process stream opens."""
+    policy = stamper()
+    async with bridged(policy, policy_streams=2) as bridge:
+
+        async def session(n: int) -> list[r.MilterReply]:
+            client = await mta(bridge)
+            await client.send(*h.connect(), *h.helo(), *h.mail(), *h.rcpt())
+            await client.send(cmd.Header(b"Subject", b"s%d" % n))
+            replies = await client.command(*h.eom())
+            await client.close()
+            return replies
+
+        for batch in range(3):
+            got = await asyncio.gather(*(session(4 * batch + i) for i in range(4)))
+            assert got == [
+                [r.AddHeader(b"X-Stamped", b"for s%d" % (4 * batch + i)), r.Accept()]
+                for i in range(4)
+            ]
+        assert bridge.shared is not None
+        assert bridge.shared.opened == 2
+        assert bridge.metrics.streams._value.get() == 0  # no Process stream

@@ -28,7 +28,9 @@ from milter_bridge.metrics import HttpEndpoint, Metrics
 from milter_bridge.server.connection import MtaConnection
 from milter_bridge.upstream.capabilities import CapabilitiesCache
 from milter_bridge.upstream.channel import make_channel, make_stub, process_method
+from milter_bridge.upstream.pool import SharedStreams
 from milter_bridge.upstream.security import BearerToken, Metadata, load_tls, no_metadata
+from milter_bridge.upstream.shared import sessions_method
 
 log = logging.getLogger("milter_bridge")
 
@@ -68,6 +70,14 @@ class Bridge:
         self.channel = make_channel(c.upstream, tls)
         self.stub = make_stub(self.channel)
         self.process = process_method(self.channel)
+        self.shared = None
+        if c.policy_streams:
+            self.shared = SharedStreams(
+                sessions_method(self.channel),
+                c.policy_streams,
+                self.metadata,
+                lambda replica: self.metrics.replica_streams.labels(replica).inc(),
+            )
         health = health_pb2_grpc.HealthStub(self.channel)
         self.capabilities = CapabilitiesCache(self.stub, c.describe_refresh, health, self.metadata)
         self.capabilities.start()
@@ -168,6 +178,7 @@ class Bridge:
                 self.metrics,
                 self.metadata,
                 self._channel_ready,
+                self.shared,
             )
             await connection.run()
         except asyncio.CancelledError:
@@ -193,6 +204,8 @@ class Bridge:
                     task.cancel()
                 await asyncio.wait(left, timeout=5)
         await self.capabilities.stop()
+        if self.shared is not None:
+            await self.shared.close()
         await self.channel.close(None)
         if self._http is not None:
             await self._http.stop()

@@ -43,7 +43,9 @@ from milter_bridge.session import (
 )
 from milter_bridge.upstream.capabilities import CapabilitiesCache
 from milter_bridge.upstream.channel import ProcessMethod
+from milter_bridge.upstream.pool import SharedStreams
 from milter_bridge.upstream.security import Metadata, no_metadata
+from milter_bridge.upstream.shared import SharedSession
 from milter_bridge.upstream.stream import CLOSE_TIMEOUT, PolicyStream, StreamFailure
 from milter_bridge.v1 import policy_pb2 as pb
 
@@ -89,8 +91,10 @@ class MtaConnection:
         metrics: Metrics,
         metadata: Callable[[], Metadata] = no_metadata,
         channel_ready: Callable[[], bool] = lambda: True,
+        shared: SharedStreams | None = None,
     ) -> None:
         self.conn_id = conn_id
+        self._shared = shared  # --policy-streams: sessions on long-lived streams
         self._channel_ready = channel_ready
         self._metadata = metadata
         self._metrics = metrics
@@ -102,7 +106,7 @@ class MtaConnection:
         self._capabilities = capabilities
         self._process = process
         self.log = ConnectionLog(conn_id)
-        self._stream: PolicyStream | None = None
+        self._stream: PolicyStream | SharedSession | None = None
         self._stream_id = 0  # the session's number of self._stream
         self._decision_started = 0.0
         self._asked: Pending | None = None  # the last event handed over for an answer
@@ -226,16 +230,19 @@ class MtaConnection:
         if output.stream != self._stream_id:
             # The session's first request of a new stream is its `start`.
             self._stream_id = output.stream
-            self._stream = PolicyStream(
-                self._process,
-                self.log,
-                self._metrics.stream_retries.inc,
-                self._metadata,
-                lambda replica: self._metrics.replica_streams.labels(replica).inc(),
-                self._keep_mta_waiting,
-                self._progress_gap,
-            )
-            self._metrics.streams.inc()
+            if self._shared is not None and session.plan.capabilities.shared_streams:
+                self._stream = self._shared.open_session()
+            else:
+                self._stream = PolicyStream(
+                    self._process,
+                    self.log,
+                    self._metrics.stream_retries.inc,
+                    self._metadata,
+                    lambda replica: self._metrics.replica_streams.labels(replica).inc(),
+                    self._keep_mta_waiting,
+                    self._progress_gap,
+                )
+                self._metrics.streams.inc()
         assert self._stream is not None
         request = output.request
         kind = request.WhichOneof("event")

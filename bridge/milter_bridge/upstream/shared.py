@@ -28,6 +28,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from milter_bridge.upstream.first_status import StatusRecord
+from milter_bridge.upstream.security import Metadata
 from milter_bridge.upstream.status import classify
 from milter_bridge.upstream.stream import _CALL_ERRORS, StreamFailure, _failure, replica_of
 from milter_bridge.v1 import policy_pb2 as pb
@@ -40,7 +41,6 @@ SESSIONS_METHOD = "/{}/Sessions".format(
 
 SessionsMethod = grpc.aio.StreamStreamMultiCallable[pb.SessionsRequest, bytes]
 SessionsCall = grpc.aio.StreamStreamCall[pb.SessionsRequest, bytes]
-Metadata = tuple[tuple[str, str], ...]
 
 
 def sessions_method(channel: grpc.aio.Channel) -> SessionsMethod:
