@@ -80,7 +80,11 @@ async def test_a_refused_session_fails_alone() -> None:
         assert failed.value.refresh_capabilities
         assert (await fine.receive(until)).verdict.action == pb.ACTION_CONTINUE
         assert stream.broken is None
-        assert not await refused.send(mail("again@x.test"), until)  # over on this stream
+        # A request on the refused session sends nothing and harms no other session.
+        assert await refused.send(mail("again@x.test"), until)
+        await fine.send(pb.ProcessRequest(sequence=3, reply_expected=True, data=pb.Data()), until)
+        assert (await fine.receive(until)).sequence == 3
+        assert stream.broken is None
 
 
 async def test_a_server_gone_fails_every_session_on_the_stream() -> None:
@@ -105,3 +109,25 @@ async def test_a_server_gone_fails_every_session_on_the_stream() -> None:
         assert causes == ["unreachable"] * 3
         assert stream.broken is not None
         assert stream.broken.cause == "unreachable"
+
+
+async def test_a_request_after_the_stream_broke_gets_the_streams_failure() -> None:
+    """What a connection sees when it sends on a session whose stream broke meanwhile: the
+    stream's own failure and cause from receive(), not a guess at a timeout."""
+    slow = Slow()
+    async with stream_to(slow) as (stream, server):
+        until = asyncio.get_running_loop().time() + LONG
+        session = stream.open_session()
+        await session.send(start("s1"), until)
+        await session.send(mail("slow@x.test"), until)
+        async with asyncio.timeout(LONG):
+            while not slow.waiting:
+                await asyncio.sleep(0.01)
+        await server.stop(0)
+        async with asyncio.timeout(LONG):
+            while stream.broken is None:
+                await asyncio.sleep(0.01)
+        assert await session.send(mail("next@x.test"), until)
+        with pytest.raises(StreamFailure) as failed:
+            await session.receive(until)
+        assert failed.value.cause == "unreachable"

@@ -64,9 +64,11 @@ class SharedSession:
         self.failure: str | None = None
 
     async def send(self, request: pb.ProcessRequest, until: float) -> bool:  # noqa: ARG002
-        """Queued for the stream's writer; False when the session or stream is over."""
+        """Queued for the stream's writer. On a session already failed (its stream broke)
+        nothing is sent and True is returned all the same: ``receive`` then raises that
+        failure, with its cause, instead of the caller guessing one."""
         if self._over or self._stream.broken is not None:
-            return False
+            return True
         self._queued = max(self._queued, request.sequence)
         self._stream.queue(pb.SessionRequest(session=self.key, request=request))
         return True
