@@ -59,6 +59,10 @@ class Context:
     def __init__(self) -> None:
         self.connection_id = ""
         self.protocol_version = 0
+        # 0, or how many times the bridge sent this session again after its stream to a
+        # replica broke before any answer was used (StreamStart.attempt): a policy that
+        # counts or stores events treats (connection_id, sequence) as already seen.
+        self.attempt = 0
         self.client = Client()
         self.helo = ""
         self.envelope = Envelope()

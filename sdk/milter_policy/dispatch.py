@@ -44,6 +44,7 @@ class Dispatcher:
         if event == "start":
             ctx.connection_id = request.start.session_id
             ctx.protocol_version = request.start.negotiated.protocol_version
+            ctx.attempt = request.start.attempt
             return []
         calls = self._prepare(event, request)
         ctx._verdict, ctx._modifications = None, []

@@ -47,6 +47,7 @@ class Slow:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.waiting: list[str] = []  # sessions whose handler waits for the release
+        self.attempts: list[int] = []  # StreamStart.attempt of each session seen
         self.closed: list[str] = []
         self.policy = Policy("shared-test")
 
@@ -54,6 +55,7 @@ class Slow:
         async def check(ctx: Context, address: str, args: list[str]) -> None:
             if "slow@" in address:
                 self.waiting.append(ctx.connection_id)
+                self.attempts.append(ctx.attempt)
                 await self.release.wait()
             if "bad@" in address:
                 ctx.reject("no", code=550, xcode="5.7.1")

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from milter_bridge.upstream.channel import make_channel
+from milter_bridge.upstream.pool import SharedStreams
 from milter_bridge.upstream.shared import SharedStream, sessions_method
 from milter_bridge.upstream.stream import StreamFailure
 from milter_bridge.v1 import policy_pb2 as pb
@@ -131,3 +132,37 @@ async def test_a_request_after_the_stream_broke_gets_the_streams_failure() -> No
         with pytest.raises(StreamFailure) as failed:
             await session.receive(until)
         assert failed.value.cause == "unreachable"
+
+
+async def test_a_session_not_yet_answered_moves_when_its_replica_goes_away() -> None:
+    """The pool's stream breaks (its replica stopped) before the policy answered the
+    session: the session is sent again on a new stream, to the replica that took the
+    old one's place on the same port, with start.attempt 1, and gets its answer there."""
+    first, second = Slow(), Slow()
+    server = PolicyServer(first.policy, "127.0.0.1:0")
+    await server.start()
+    channel = make_channel(f"127.0.0.1:{server.port}")
+    pool = SharedStreams(sessions_method(channel), 1, lambda: ())
+    replacement = None
+    try:
+        until = asyncio.get_running_loop().time() + LONG
+        session = pool.open_session()
+        await session.send(start("s1"), until)
+        await session.send(mail("slow@x.test"), until)
+        async with asyncio.timeout(LONG):
+            while not first.waiting:  # the barrier: the first replica holds it, unanswered
+                await asyncio.sleep(0.01)
+        await server.stop(0)
+        replacement = PolicyServer(second.policy, f"127.0.0.1:{server.port}")
+        await replacement.start()
+        async with asyncio.timeout(LONG):
+            while not second.waiting:  # sent again, to the replacement
+                await asyncio.sleep(0.01)
+        second.release.set()
+        assert (await session.receive(until)).verdict.action == pb.ACTION_CONTINUE
+        assert pool.opened == 2
+        assert second.attempts == [1]
+    finally:
+        await channel.close(None)
+        if replacement is not None:
+            await replacement.stop(0)

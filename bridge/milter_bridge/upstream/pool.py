@@ -26,6 +26,13 @@ class SharedStreams:
         self.opened = 0  # streams opened in all
 
     def open_session(self) -> SharedSession:
+        return self._least_busy().open_session(self._move)
+
+    def _move(self, session: SharedSession) -> SharedStream | None:  # noqa: ARG002
+        """A stream for a session whose stream broke (a new one in the broken one's place)."""
+        return self._least_busy()
+
+    def _least_busy(self) -> SharedStream:
         best: SharedStream | None = None
         for i, stream in enumerate(self._streams):
             if stream is None or stream.broken is not None:
@@ -36,7 +43,7 @@ class SharedStreams:
             if best is None or stream.sessions < best.sessions:
                 best = stream
         assert best is not None
-        return best.open_session()
+        return best
 
     async def close(self) -> None:
         """At shutdown, once no session is left."""

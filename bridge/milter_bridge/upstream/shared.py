@@ -30,7 +30,15 @@ from google.protobuf.message import DecodeError
 from milter_bridge.upstream.first_status import StatusRecord
 from milter_bridge.upstream.security import Metadata
 from milter_bridge.upstream.status import classify
-from milter_bridge.upstream.stream import _CALL_ERRORS, StreamFailure, _failure, replica_of
+from milter_bridge.upstream.stream import (
+    _CALL_ERRORS,
+    OPEN_ATTEMPTS,
+    REPLAY_LIMIT,
+    StreamFailure,
+    _failure,
+    _with_attempt,
+    replica_of,
+)
 from milter_bridge.v1 import policy_pb2 as pb
 
 MAX_BATCH_BYTES = 1 << 20
@@ -52,15 +60,28 @@ def sessions_method(channel: grpc.aio.Channel) -> SessionsMethod:
     )
 
 
-class SharedSession:
-    """One session on a shared stream; PolicyStream's interface."""
+Mover = Callable[["SharedSession"], "SharedStream | None"]
 
-    def __init__(self, stream: SharedStream, key: int) -> None:
+
+class SharedSession:
+    """One session on a shared stream; PolicyStream's interface.
+
+    Until the policy's first answer to it, a session keeps what it sent (at most
+    REPLAY_LIMIT bytes): when its stream breaks in a way that ``status.classify``
+    allows to retry (the replica went away), ``mover`` gives it another stream and
+    it is sent there again, ``start.attempt`` counting up, at most OPEN_ATTEMPTS
+    streams in all, as a Process stream is reopened."""
+
+    def __init__(self, stream: SharedStream, key: int, mover: Mover | None = None) -> None:
         self._stream = stream
         self.key = key
+        self._mover = mover
         self._answers: asyncio.Queue[pb.ProcessResponse | StreamFailure] = asyncio.Queue()
         self._queued = 0  # the highest sequence queued for sending
         self._over = False
+        self._journal: list[pb.ProcessRequest] | None = []  # None: answered, or too much
+        self._journal_bytes = 0
+        self._attempts = 1
         self.failure: str | None = None
 
     async def send(self, request: pb.ProcessRequest, until: float) -> bool:  # noqa: ARG002
@@ -70,6 +91,11 @@ class SharedSession:
         if self._over or self._stream.broken is not None:
             return True
         self._queued = max(self._queued, request.sequence)
+        if self._journal is not None:
+            self._journal_bytes += request.ByteSize()
+            self._journal = self._journal if self._journal_bytes <= REPLAY_LIMIT else None
+            if self._journal is not None:
+                self._journal.append(request)
         self._stream.queue(pb.SessionRequest(session=self.key, request=request))
         return True
 
@@ -106,7 +132,30 @@ class SharedSession:
         elif self._answers.qsize() >= MAX_UNREAD:
             self.fail(StreamFailure(f"more than {MAX_UNREAD} answers unread", "invalid_reply"))
         else:
+            self._journal = None  # an answer was used: a replay could not undo that
             self._answers.put_nowait(answer)
+
+    def stream_broke(
+        self, code: grpc.StatusCode | None, details: str, failure: StreamFailure
+    ) -> None:
+        """From the stream: it ended. Sent again elsewhere when that is allowed, else failed."""
+        if (
+            code is not None
+            and self._mover is not None
+            and self._journal is not None
+            and self._attempts < OPEN_ATTEMPTS
+            and classify(code, details, replied=False).retry
+        ):
+            stream = self._mover(self)
+            if stream is not None:
+                self._attempts += 1
+                self._stream, self.key = stream, stream.adopt(self)
+                for request in self._journal:
+                    if request.HasField("start"):
+                        request = _with_attempt(request, self._attempts - 1)  # noqa: PLW2901
+                    stream.queue(pb.SessionRequest(session=self.key, request=request))
+                return
+        self.fail(failure)
 
     def fail(self, failure: StreamFailure) -> None:
         """The session can go no further on this stream; ``receive`` raises ``failure``."""
@@ -161,10 +210,16 @@ class SharedStream:
     def sessions(self) -> int:
         return len(self._sessions)
 
-    def open_session(self) -> SharedSession:
-        session = SharedSession(self, next(self._keys))
+    def open_session(self, mover: Mover | None = None) -> SharedSession:
+        session = SharedSession(self, next(self._keys), mover)
         self._sessions[session.key] = session
         return session
+
+    def adopt(self, session: SharedSession) -> int:
+        """A session moved here from a broken stream: its key on this one."""
+        key = next(self._keys)
+        self._sessions[key] = session
+        return key
 
     def queue(self, item: pb.SessionRequest) -> None:
         self._outgoing.append(item)
@@ -217,17 +272,21 @@ class SharedStream:
             if code is None:
                 self._break(StreamFailure("stream cancelled", "stream_error"))
             else:
-                self._break(_failure(code, details, classify(code, details, replied=True)))
+                failure = _failure(code, details, classify(code, details, replied=True))
+                self._break(failure, code, details)
 
-    def _break(self, failure: StreamFailure) -> None:
-        """Every session on the stream fails with ``failure``; the call is cancelled."""
+    def _break(
+        self, failure: StreamFailure, code: grpc.StatusCode | None = None, details: str = ""
+    ) -> None:
+        """The stream is over: each session on it moves or fails; the call is cancelled."""
         if self.broken is None:
             self.broken = failure
-        for session in list(self._sessions.values()):
-            session.fail(failure)
+        sessions = list(self._sessions.values())
         self._sessions.clear()
         self._call.cancel()
         self._writer.cancel()
+        for session in sessions:
+            session.stream_broke(code, details, failure)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Normal end, once no session is left: half-close and read to the end."""
