@@ -42,13 +42,17 @@ class PolicyProcess:
     def target(self) -> str:
         return f"unix:{self.socket_path}"
 
+    def argv(self) -> list[str]:
+        """The policy's command line; another policy process overrides only this."""
+        return [sys.executable, "-m", "bench.sdk_policy", self.target, MARKER]
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.sdk_policy", self.target, MARKER],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
             )
         for _ in range(1000):  # readiness: its socket accepts connections
             if self.proc.poll() is not None:
@@ -59,7 +63,7 @@ class PolicyProcess:
                 await writer.wait_closed()
                 return
             await asyncio.sleep(0.02)
-        msg = f"policy did not start: {self.log_path.read_text()}"
+        msg = f"policy did not start ({' '.join(self.argv()[1:])}): {self.log()}"
         raise RuntimeError(msg)
 
     async def restart(self) -> None:
@@ -85,10 +89,14 @@ class PolicyProcess:
 
 @contextlib.asynccontextmanager
 async def fleet(
-    tmp_path: Path, *bridge_flags: str, tcp: bool = False
+    tmp_path: Path,
+    *bridge_flags: str,
+    tcp: bool = False,
+    policy_process: type[PolicyProcess] = PolicyProcess,
 ) -> AsyncIterator[tuple[PolicyProcess, BridgeProcess]]:
-    """The SDK policy and the bridge, which listens on a unix socket (or a loopback port)."""
-    policy = PolicyProcess(tmp_path / "policy.sock")
+    """A policy (the benchmark's SDK policy unless ``policy_process`` says another) and
+    the bridge, which listens on a unix socket (or a loopback port)."""
+    policy = policy_process(tmp_path / "policy.sock")
     await policy.start()
     bridge = BridgeProcess(tmp_path / "bridge.sock", policy.target, *bridge_flags, tcp=tcp)
     try:

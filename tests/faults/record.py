@@ -40,15 +40,17 @@ class Probe:
 
     @classmethod
     def take(cls, bridge: BridgeProcess) -> Probe:
-        log = bridge.log()
-        failures = log.count(FAILURE_LINE) + log.count(SHUTDOWN_LINE)
-        return cls(bridge.open_fds(), bridge.status_kb("VmRSS"), failures)
+        return cls(bridge.open_fds(), bridge.status_kb("VmRSS"), _failure_actions(bridge))
 
     @classmethod
     def gone(cls, bridge: BridgeProcess) -> Probe:
         """After the bridge exited: only its log is left (-1: not measured)."""
-        log = bridge.log()
-        return cls(-1, -1, log.count(FAILURE_LINE) + log.count(SHUTDOWN_LINE))
+        return cls(-1, -1, _failure_actions(bridge))
+
+
+def _failure_actions(bridge: BridgeProcess) -> int:
+    log = bridge.log()
+    return log.count(FAILURE_LINE) + log.count(SHUTDOWN_LINE)
 
 
 @dataclass(frozen=True, slots=True)

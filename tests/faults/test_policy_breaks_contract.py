@@ -15,10 +15,8 @@ traceback, and afterwards a well-behaved load is answered wholly by the policy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
-import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -29,7 +27,7 @@ from milter_bridge.load import Report
 from milter_bridge.metrics import CAUSES
 from tests.faults import breaches
 from tests.faults.breaches import BREACHES, EOM
-from tests.faults.fleet import MARKER, ROOT, PolicyProcess, answered_by_the_policy, fds_settle, load
+from tests.faults.fleet import MARKER, PolicyProcess, answered_by_the_policy, fds_settle, load
 from tests.faults.record import RSS_SLACK_KB, Probe, Row, scale
 from tests.faults.rogue import GOOD
 from tests.runtime.process import BridgeProcess
@@ -52,28 +50,8 @@ Outcome = tuple[str, tuple[str, str] | None]  # the load's label; (stage, cause)
 class RogueProcess(PolicyProcess):
     """The test's side: ``python -m tests.faults.rogue unix:PATH``, its switch and its record."""
 
-    async def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.faults.rogue", self.target],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        for _ in range(1000):  # readiness: its socket accepts connections
-            if self.proc.poll() is not None:
-                break
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_unix_connection(str(self.socket_path))
-                writer.close()
-                await writer.wait_closed()
-                return
-            await asyncio.sleep(0.02)
-        msg = f"rogue policy did not start: {self.log()}"
-        raise RuntimeError(msg)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "tests.faults.rogue", self.target]
 
     async def switch(self, mode: str) -> None:
         """Rogue or good; returns once the policy says it is (its line is the barrier)."""

@@ -8,15 +8,13 @@ them while fuzzed sessions arrive.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from milter_bridge.load import Report
-from tests.faults.fleet import ROOT, PolicyProcess, answered_by_the_policy, fleet
+from tests.faults.fleet import PolicyProcess, answered_by_the_policy, fleet
 from tests.runtime.process import BridgeProcess
 
 
@@ -24,40 +22,14 @@ class EveryStagePolicy(PolicyProcess):
     """``python -m fuzz.every_stage_policy unix:PATH``: continues, or rejects a marked
     Subject at its header (where fleet.py's policy rejects at end of message)."""
 
-    async def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fuzz.every_stage_policy", self.target],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        for _ in range(1000):  # readiness: its socket accepts connections
-            if self.proc.poll() is not None:
-                break
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_unix_connection(str(self.socket_path))
-                writer.close()
-                await writer.wait_closed()
-                return
-            await asyncio.sleep(0.02)
-        msg = f"policy did not start: {self.log_path.read_text()}"
-        raise RuntimeError(msg)
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "fuzz.every_stage_policy", self.target]
 
 
-@contextlib.asynccontextmanager
-async def every_stage_fleet(
+def every_stage_fleet(
     tmp_path: Path, *bridge_flags: str
-) -> AsyncIterator[tuple[PolicyProcess, BridgeProcess]]:
-    policy = EveryStagePolicy(tmp_path / "policy.sock")
-    await policy.start()
-    bridge = BridgeProcess(tmp_path / "bridge.sock", policy.target, *bridge_flags)
-    try:
-        await bridge.start()
-        yield policy, bridge
-    finally:
-        await bridge.stop()
-        await policy.stop()
+) -> contextlib.AbstractAsyncContextManager[tuple[PolicyProcess, BridgeProcess]]:
+    return fleet(tmp_path, *bridge_flags, policy_process=EveryStagePolicy)
 
 
 def answered_at_every_stage(report: Report) -> bool:
