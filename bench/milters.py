@@ -34,14 +34,15 @@ class Milter:
 C_ALL = Milter("c-all", "libmilter C, every callback", policy_apart=False)
 C_HEADER_EOM_ONLY = Milter("c-hdr-eom", "libmilter C, header + eom only", policy_apart=False)
 PYMILTER = Milter("pymilter", "pymilter, every callback", policy_apart=False)
+# The bridge as deployed: its defaults, which carry the SDK policy's sessions on shared streams.
 BRIDGE = Milter("bridge", "bridge + SDK policy", policy_apart=True)
-BRIDGE_SHARED = Milter(
-    "bridge-shared",
-    "bridge (4 shared streams) + SDK policy",
+BRIDGE_PROCESS = Milter(
+    "bridge-process",
+    "bridge (a Process stream per session) + SDK policy",
     policy_apart=True,
-    bridge_flags=("--policy-streams", "4"),
+    bridge_flags=("--policy-streams", "0"),
 )
-MILTERS = {m.key: m for m in (C_ALL, C_HEADER_EOM_ONLY, PYMILTER, BRIDGE, BRIDGE_SHARED)}
+MILTERS = {m.key: m for m in (C_ALL, C_HEADER_EOM_ONLY, PYMILTER, BRIDGE, BRIDGE_PROCESS)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,8 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "max_header_buffer": ("2048", "2048"),
     "max_headers": ("50", "50"),
     "max_recipients": ("60", "60"),
-    "policy_streams": ("4", "4"),
+    "policy_streams": ("8", "8"),
+    "policy_stream_lifetime": ("12.5", "12.5"),
     "max_recipient_buffer": ("4096", "4096"),
     "mta_idle_timeout": ("60", "60"),
     "log_level": ("debug", '"debug"'),
@@ -314,7 +315,15 @@ def test_policy_streams_between_0_and_64(value: int) -> None:
     listen = parse_listen("inet:127.0.0.1:1")
     with pytest.raises(ConfigError, match=f"^--policy-streams: {value} is not between 0 and 64"):
         Config(listen=listen, upstream="p:1", policy_streams=value)
-    assert Config(listen=listen, upstream="p:1").policy_streams == 0  # a stream per session
+    assert Config(listen=listen, upstream="p:1").policy_streams == 4  # shared by default
+    assert Config(listen=listen, upstream="p:1", policy_streams=0).policy_streams == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_policy_stream_lifetime_must_be_positive(value: str) -> None:
+    env = "MILTER_BRIDGE_POLICY_STREAM_LIFETIME"
+    with pytest.raises(ConfigError, match=f"^{env}: {float(value)} must be greater than 0"):
+        config_from(loaded(REQUIRED, {env: value}))
 
 
 def test_recipient_limits_default_like_the_header_limits() -> None:

@@ -304,13 +304,26 @@ class Config:
         help="how long connections may finish after SIGTERM",
     )
     policy_streams: int = option(
-        default=0,
+        default=4,
         parse=whole,
         check=stream_count,
         metavar="COUNT",
         help=(
             "carry the SMTP sessions on this many long-lived shared streams when the policy"
-            " offers them (Capabilities.shared_streams); 0: a Process stream per session"
+            " offers them (Capabilities.shared_streams); 0: a Process stream per session."
+            " Sessions spread over the replicas these streams reach: with more replicas than"
+            " streams, raise it"
+        ),
+    )
+    policy_stream_lifetime: float = option(
+        default=30.0,
+        parse=number,
+        check=positive,
+        metavar=_SECONDS,
+        help=(
+            "a shared stream takes new sessions this long, then a new stream takes its place"
+            " (so that sessions spread over replicas added since); the old one ends with its"
+            " last session"
         ),
     )
     max_packet_size: int = option(

@@ -93,6 +93,13 @@ class Metrics:
             ["replica"],
             registry=r,
         )
+        self.replica_sessions = Counter(
+            p + "upstream_replica_sessions",
+            "SMTP sessions by the replica that took them (a Process stream, or a session on a"
+            " shared stream; replays counted again)",
+            ["replica"],
+            registry=r,
+        )
         self.policy_ready = Gauge(
             p + "policy_ready",
             "1 when capabilities are known and the policy is healthy",

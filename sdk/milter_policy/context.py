@@ -60,9 +60,13 @@ class Context:
         self.connection_id = ""
         self.protocol_version = 0
         # 0, or how many times the bridge sent this session again after its stream to a
-        # replica broke before any answer was used (StreamStart.attempt): a policy that
-        # counts or stores events treats (connection_id, sequence) as already seen.
+        # replica broke (StreamStart.attempt): a policy that counts or stores events
+        # treats (connection_id, sequence) as already seen.
         self.attempt = 0
+        # In a replay, while an event that was already answered is handled again: the
+        # action it got ("continue", "reject", ...), which the MTA was given. The
+        # handler rebuilds the policy's state; the verdict it sets is not sent.
+        self.decided: str | None = None
         self.client = Client()
         self.helo = ""
         self.envelope = Envelope()

@@ -46,6 +46,10 @@ class Dispatcher:
             ctx.protocol_version = request.start.negotiated.protocol_version
             ctx.attempt = request.start.attempt
             return []
+        ctx.decided = None
+        if request.HasField("decided"):
+            action = request.decided.action or pb.ACTION_CONTINUE
+            ctx.decided = pb.Action.Name(action).removeprefix("ACTION_").lower()
         calls = self._prepare(event, request)
         ctx._verdict, ctx._modifications = None, []
         failed = False

@@ -135,6 +135,7 @@ class PolicyServer:
             self.policy, self._executor, servicer.fingerprint, lambda: servicer.replica
         )
         policy_pb2_grpc.add_SharedPolicyServiceServicer_to_server(shared, self._server)
+        self._shared = shared
         health = self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
         service = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
@@ -166,9 +167,14 @@ class PolicyServer:
         """Stop taking streams; those in flight get ``grace`` seconds to end.
 
         Health turns NOT_SERVING first, so that readiness checks take this replica
-        out of a load balancer while its streams drain."""
+        out of a load balancer while its streams drain. Shared streams are told to
+        take no new sessions once gRPC stopped taking calls (so that the streams the
+        bridge opens in their place go to other replicas)."""
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        stopping = asyncio.ensure_future(self._server.stop(grace))
+        await asyncio.sleep(0)  # the stop's first step: no new calls from here on
+        self._shared.drain()
+        await stopping
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def wait(self) -> None:

@@ -27,6 +27,7 @@ from milter_policy.policy import Policy
 log = logging.getLogger("milter_policy")
 
 _END = object()  # the stream's end: every session is over
+_DRAINING = object()  # the policy shuts down: the bridge sends no new sessions here
 _Out = asyncio.Queue[pb.SessionResponse | object]
 
 
@@ -70,6 +71,15 @@ class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
         self.executor = executor
         self.fingerprint = fingerprint
         self.replica = replica  # known once the server has its port
+        self._calls: set[_Out] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        """Shutting down: each stream tells the bridge to send its new sessions elsewhere
+        (SessionsResponse.draining); the sessions on it go on until the bridge ends them."""
+        self.draining = True
+        for out in self._calls:
+            out.put_nowait(_DRAINING)
 
     async def Sessions(  # noqa: N802 - gRPC method name
         self,
@@ -78,6 +88,9 @@ class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
     ) -> AsyncIterator[pb.SessionsResponse]:
         await context.send_initial_metadata((("milter-policy-replica", self.replica()),))
         out: _Out = asyncio.Queue()
+        self._calls.add(out)
+        if self.draining:
+            out.put_nowait(_DRAINING)
         sessions: dict[int, _Session | None] = {}  # None: refused, its requests dropped
         tasks: set[asyncio.Future[None]] = set()  # of every session, ended ones included
         consumer = asyncio.ensure_future(self._consume(request_iterator, sessions, tasks, out))
@@ -86,10 +99,13 @@ class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
                 batch = [item]
                 while not out.empty() and (item := out.get_nowait()) is not _END:
                     batch.append(item)
-                yield pb.SessionsResponse(responses=batch)  # type: ignore[arg-type]
+                draining = _DRAINING in batch
+                responses = [r for r in batch if isinstance(r, pb.SessionResponse)]
+                yield pb.SessionsResponse(responses=responses, draining=draining)
                 if item is _END:
                     break
         finally:
+            self._calls.discard(out)
             consumer.cancel()
             for task in tasks:
                 task.cancel()

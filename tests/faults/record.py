@@ -66,6 +66,7 @@ class Row:
     deadline_s: float
     fds: tuple[int, int]
     rss_kb: tuple[int, int]
+    path: str = ""  # the policy path the case ran on (conftest.POLICY_PATHS)
 
     @classmethod
     def build(
@@ -94,6 +95,7 @@ class Row:
             deadline_s=deadline,
             fds=(before.fds, after.fds),
             rss_kb=(before.rss_kb, after.rss_kb),
+            path=os.environ.get("FAULTS_PATH", ""),
         )
 
     def save(self) -> Row:
@@ -113,9 +115,9 @@ class Row:
 
 def markdown(rows: list[Row]) -> str:
     lines = [
-        "| case | messages | verdicts | failure actions | unanswered"
+        "| case | path | messages | verdicts | failure actions | unanswered"
         " | worst answer (stage) vs deadline | RSS MB before → after | fds before → after |",
-        "|---|---:|---|---:|---:|---|---|---|",
+        "|---|---|---:|---|---:|---:|---|---|---|",
     ]
     for row in rows:
         verdicts = ", ".join(f"{k}: {v}" for k, v in sorted(row.verdicts.items()))
@@ -123,7 +125,7 @@ def markdown(rows: list[Row]) -> str:
             refused = ", ".join(f"{k}: {v}" for k, v in sorted(row.refused_recipients.items()))
             verdicts += f"; recipients refused {refused}"
         lines.append(
-            f"| {row.case} | {row.messages} | {verdicts} | {row.failure_actions}"
+            f"| {row.case} | {row.path} | {row.messages} | {verdicts} | {row.failure_actions}"
             f" | {row.unanswered}"
             f" | {row.worst_answer_ms / 1000:.2f} s ({row.worst_answer_stage})"
             f" vs {row.deadline_s:g} s"

@@ -1,6 +1,8 @@
 """A policy replica that decides at RCPT and at end of message, in a process of its own.
 
-    python -m tests.faults.replica ADDRESS      (127.0.0.1:0, 127.0.0.1:PORT, unix:/PATH)
+    python -m tests.faults.replica ADDRESS [EOM_DELAY]
+        ADDRESS: 127.0.0.1:0, 127.0.0.1:PORT or unix:/PATH; EOM_DELAY: seconds the
+        end-of-message handler takes (default 0), so that sessions wait there
 
 It prints ``port N`` once it serves (the parent's readiness barrier; 0 on a unix
 socket) and serves with the SDK's PolicyServer until SIGTERM or SIGINT, then
@@ -23,10 +25,11 @@ from milter_policy.server import PolicyServer
 
 MARKER = b"REJECT"
 REFUSED_RECIPIENT = "rcpt2@"
+log = logging.getLogger("replica")
 GRACE = 20.0  # seconds for streams in flight after SIGTERM
 
 
-def replica_policy() -> Policy:
+def replica_policy(eom_delay: float = 0.0) -> Policy:
     policy = Policy("fault-replica")
 
     @policy.rcpt_to
@@ -38,6 +41,10 @@ def replica_policy() -> Policy:
     # bridge forwards them as observed), so a message can end at any of them.
     @policy.end_of_message(envelope=True, headers=True, body=True, actions=["add_header"])
     async def decide(ctx: Context) -> None:
+        # The mark that this replica took a session (the tests' readiness after a restart).
+        log.info("decides %s", ctx.connection_id)
+        if eom_delay:
+            await asyncio.sleep(eom_delay)
         if any(MARKER in value for value in ctx.header("Subject")):
             ctx.reject("marked", code=550, xcode="5.7.1")
         else:
@@ -46,8 +53,8 @@ def replica_policy() -> Policy:
     return policy
 
 
-async def main(address: str) -> None:
-    server = PolicyServer(replica_policy(), address)
+async def main(address: str, eom_delay: float) -> None:
+    server = PolicyServer(replica_policy(eom_delay), address)
     await server.start()
     print(f"port {server.port}", flush=True)
     stop = asyncio.Event()
@@ -55,10 +62,10 @@ async def main(address: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logging.getLogger(__name__).info("stopping (grace %gs)", GRACE)
+    log.info("stopping (grace %gs)", GRACE)
     await server.stop(GRACE)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0))

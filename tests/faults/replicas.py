@@ -18,15 +18,22 @@ from tests.runtime.process import BridgeProcess
 
 
 class Replica:
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, eom_delay: float = 0.0) -> None:
         self.log_path = log_path
+        self.eom_delay = eom_delay
         self.port = 0  # chosen by the first start, kept by restarts
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.faults.replica", f"127.0.0.1:{self.port}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.faults.replica",
+                    f"127.0.0.1:{self.port}",
+                    str(self.eom_delay),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 cwd=ROOT,
@@ -69,11 +76,11 @@ class Replica:
 
 @contextlib.asynccontextmanager
 async def replica_fleet(
-    tmp_path: Path, count: int, *bridge_flags: str, tcp: bool = False
+    tmp_path: Path, count: int, *bridge_flags: str, tcp: bool = False, eom_delay: float = 0.0
 ) -> AsyncIterator[tuple[list[Replica], BridgeProcess]]:
     """``count`` replicas behind one bridge, which listens on a unix socket (or, with
-    ``tcp``, a loopback port)."""
-    replicas = [Replica(tmp_path / f"replica-{n}.log") for n in range(count)]
+    ``tcp``, a loopback port); ``eom_delay``: how long each takes at end of message."""
+    replicas = [Replica(tmp_path / f"replica-{n}.log", eom_delay) for n in range(count)]
     bridge = None
     try:
         for replica in replicas:

@@ -135,7 +135,7 @@ async def test_messages_decisions_and_failures_are_counted() -> None:
         assert value(found, "upstream_streams_total") >= len(runs) + 1
 
 
-async def test_streams_are_counted_per_replica() -> None:
+async def test_sessions_and_streams_are_counted_per_replica() -> None:
     replicas = [PolicyServer(accepting(), "127.0.0.1:0") for _ in range(3)]
     for server in replicas:
         await server.start()
@@ -148,17 +148,22 @@ async def test_streams_are_counted_per_replica() -> None:
             assert await message_through(bridge) == [r.Continue(), r.Accept()]
         status, body = await get(bridge.metrics_port, "/metrics")
         assert status == 200
-        per_replica = {
-            s.labels["replica"]: s.value
-            for family in text_string_to_metric_families(body)
-            for s in family.samples
-            if s.name == "milter_bridge_upstream_replica_streams_total"
-        }
+        per_replica: dict[str, dict[str, float]] = {"sessions": {}, "streams": {}}
+        for family in text_string_to_metric_families(body):
+            for s in family.samples:
+                for kind, counts in per_replica.items():
+                    if s.name == f"milter_bridge_upstream_replica_{kind}_total":
+                        counts[s.labels["replica"]] = s.value
     finally:
         await bridge.stop()
         for server in replicas:
             await server.stop(0)
     names = {f"{socket.gethostname()}:{s.port}" for s in replicas}
-    assert set(per_replica) <= names, per_replica  # each named by its milter-policy-replica header
-    assert sum(per_replica.values()) == 9
-    assert len(per_replica) >= 2, per_replica  # round_robin spread the streams
+    sessions, streams = per_replica["sessions"], per_replica["streams"]
+    # Each named by its milter-policy-replica header.
+    assert set(sessions) <= names, sessions
+    assert set(streams) <= names, streams
+    assert sum(sessions.values()) == 9
+    assert len(sessions) >= 2, sessions  # spread over the replicas
+    # The SDK policy offers shared streams: the default --policy-streams 4 carry them.
+    assert sum(streams.values()) == 4

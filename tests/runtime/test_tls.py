@@ -180,12 +180,24 @@ async def test_bearer_token(
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_token_rotation_needs_no_restart(servers: list[PolicyServer], tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy_streams", [0, 4])
+async def test_token_rotation_needs_no_restart(
+    servers: list[PolicyServer], tmp_path: Path, policy_streams: int
+) -> None:
+    """The token file is read for each new stream: a Process stream per session, or a
+    shared stream (here each lives 1 µs, so that each session gets a new one; a shared
+    stream already open keeps the token it was opened with until its lifetime ends)."""
     server_token, bridge_token = tmp_path / "server-token", tmp_path / "bridge-token"
     server_token.write_text("first\n")
     bridge_token.write_text("first\n")
     target = await serve(servers, token_file=str(server_token))  # a token over plaintext works too
-    bridge = Bridge(bridge_config(target, upstream_token_file=str(bridge_token)))
+    config = bridge_config(
+        target,
+        upstream_token_file=str(bridge_token),
+        policy_streams=policy_streams,
+        policy_stream_lifetime=1e-6,
+    )
+    bridge = Bridge(config)
     await bridge.start()
     try:
         assert await bridge.capabilities.plan(5.0) is not None

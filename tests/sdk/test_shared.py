@@ -177,3 +177,83 @@ async def test_through_the_bridge_on_shared_streams() -> None:
         assert bridge.shared is not None
         assert bridge.shared.opened == 2
         assert bridge.metrics.streams._value.get() == 0  # no Process stream
+
+
+async def test_a_replay_rebuilds_state_and_answers_only_what_awaits_an_answer() -> None:
+    """A session replayed on a new stream (StreamStart.attempt 1): the events already
+    decided run their handlers again with ctx.decided, and get no answer; the one that
+    awaits an answer is answered, from the state those handlers rebuilt."""
+    seen: list[tuple[str, str | None, int]] = []
+    policy = Policy("replay-test")
+
+    @policy.rcpt_to
+    def recipient(ctx: Context, address: str, args: list[str]) -> None:
+        seen.append((address, ctx.decided, ctx.attempt))
+        ctx.state.setdefault("recipients", []).append(address)
+        if len(ctx.state["recipients"]) > 2:
+            ctx.tempfail("too many recipients", code=452, xcode="4.5.3")
+        elif "no@" in address:
+            ctx.reject("no such user", code=550, xcode="5.1.1")
+
+    def rcpt(sequence: int, address: str, decided: int | None) -> pb.SessionRequest:
+        request = pb.ProcessRequest(
+            sequence=sequence,
+            reply_expected=decided is None,
+            rcpt_to=pb.RcptTo(address=address),
+        )
+        if decided is not None:
+            request.decided.action = decided  # type: ignore[assignment]
+        return pb.SessionRequest(session=4, request=request)
+
+    replay = start(4)
+    replay.request.start.attempt = 1
+    async with shared_call(policy) as call:
+        await call.write(
+            pb.SessionsRequest(
+                requests=[
+                    replay,
+                    rcpt(5, "<no@x.test>", pb.ACTION_REJECT),
+                    rcpt(6, "<yes@x.test>", pb.ACTION_CONTINUE),
+                    rcpt(7, "<third@x.test>", None),
+                ]
+            )
+        )
+        (got,) = await responses(call, 1)  # one answer only: to sequence 7
+        assert got.session == 4
+        assert got.response.sequence == 7
+        assert got.response.verdict.action == pb.ACTION_TEMPFAIL
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+    assert seen == [("<no@x.test>", "reject", 1), ("<yes@x.test>", "continue", 1),
+                    ("<third@x.test>", None, 1)]  # fmt: skip
+
+
+async def test_a_policy_shutting_down_tells_its_streams_it_drains() -> None:
+    """PolicyServer.stop(): every Sessions stream gets SessionsResponse.draining, and the
+    sessions on it go on and are answered until the bridge ends them."""
+    slow = Slow()
+    server = PolicyServer(slow.policy, "127.0.0.1:0")
+    await server.start()
+    stopping = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = policy_pb2_grpc.SharedPolicyServiceStub(channel).Sessions(None)
+            await call.write(pb.SessionsRequest(requests=[start(1), mail(1, "slow@x.test")]))
+            async with asyncio.timeout(30):
+                while not slow.waiting:  # the barrier: the session is held by the policy
+                    await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(server.stop(30))
+            drained = await call.read()
+            assert isinstance(drained, pb.SessionsResponse)
+            assert drained.draining
+            assert not drained.responses
+            slow.release.set()
+            assert actions(await responses(call, 1)) == {1: pb.ACTION_CONTINUE}
+            await call.write(pb.SessionsRequest(requests=[end(1)]))
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+            assert await call.code() is grpc.StatusCode.OK
+        await stopping
+    finally:
+        if stopping is None:
+            await server.stop(0)

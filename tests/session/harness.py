@@ -62,8 +62,14 @@ def eom_only() -> pb.Capabilities:
 class Mta:
     """An MTA talking to one Session; records what the policy would receive."""
 
-    def __init__(self, caps: pb.Capabilities, offer: cmd.OptionNegotiation | None = OFFER_V6):
-        self.session = Session(Plan.from_capabilities(caps, "fp-1"), connection_id="conn")
+    def __init__(
+        self,
+        caps: pb.Capabilities,
+        offer: cmd.OptionNegotiation | None = OFFER_V6,
+        replays: int = 0,
+    ):
+        plan = Plan.from_capabilities(caps, "fp-1")
+        self.session = Session(plan, connection_id="conn", replays=replays)
         self.to_policy: list[pb.ProcessRequest] = []
         self.stream_ends = 0
         self.optneg: list[MilterReply] = []
@@ -94,6 +100,12 @@ class Mta:
         outputs = self.session.feed(encode_all([command]))
         self._collect(outputs)
         return [o.data for o in outputs if isinstance(o, SendToMta | ProgressToMta)]
+
+    def replay(self) -> list[pb.ProcessRequest]:
+        """The open stream broke (its replica went away): what the session sends again."""
+        before = len(self.to_policy)
+        self._collect(self.session.replay(self.session.stream))
+        return self.to_policy[before:]
 
     def answer(self, response: pb.ProcessResponse) -> list[MilterReply]:
         return self._collect(self.session.answer(response))

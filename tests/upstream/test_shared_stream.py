@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import grpc
+import grpc.aio
 import pytest
 
 from milter_bridge.upstream.channel import make_channel
@@ -134,10 +136,10 @@ async def test_a_request_after_the_stream_broke_gets_the_streams_failure() -> No
         assert failed.value.cause == "unreachable"
 
 
-async def test_a_session_not_yet_answered_moves_when_its_replica_goes_away() -> None:
-    """The pool's stream breaks (its replica stopped) before the policy answered the
-    session: the session is sent again on a new stream, to the replica that took the
-    old one's place on the same port, with start.attempt 1, and gets its answer there."""
+async def test_a_replica_gone_makes_its_sessions_replayable_and_a_new_stream_takes_over() -> None:
+    """The pool's stream breaks because its replica stopped: its session fails as
+    ``replayable`` (the connection replays it, session/journal.py), and the next session
+    gets a new stream, to the replica that took the old one's place on the same port."""
     first, second = Slow(), Slow()
     server = PolicyServer(first.policy, "127.0.0.1:0")
     await server.start()
@@ -153,16 +155,51 @@ async def test_a_session_not_yet_answered_moves_when_its_replica_goes_away() -> 
             while not first.waiting:  # the barrier: the first replica holds it, unanswered
                 await asyncio.sleep(0.01)
         await server.stop(0)
+        with pytest.raises(StreamFailure) as failed:
+            await session.receive(until)
+        assert failed.value.replayable
+        assert failed.value.cause == "unreachable"
         replacement = PolicyServer(second.policy, f"127.0.0.1:{server.port}")
         await replacement.start()
-        async with asyncio.timeout(LONG):
-            while not second.waiting:  # sent again, to the replacement
-                await asyncio.sleep(0.01)
-        second.release.set()
-        assert (await session.receive(until)).verdict.action == pb.ACTION_CONTINUE
+        again = pool.open_session()
+        await again.send(start("s2"), until)
+        await again.send(mail("ok@x.test"), until)
+        assert (await again.receive(until)).verdict.action == pb.ACTION_CONTINUE
         assert pool.opened == 2
-        assert second.attempts == [1]
     finally:
         await channel.close(None)
         if replacement is not None:
             await replacement.stop(0)
+
+
+async def test_a_stream_that_fails_for_the_policys_own_error_is_not_replayable() -> None:
+    """A status that is the policy's own (its handler raised: UNKNOWN), not its replica
+    going away, fails the session with a failure that must not be replayed."""
+
+    async def sessions(requests: AsyncIterator[bytes], context: object) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            raise RuntimeError("a bug in the policy")
+        yield b""  # pragma: no cover - makes this a generator
+
+    handler = grpc.method_handlers_generic_handler(
+        "milter_bridge.v1.SharedPolicyService",
+        {"Sessions": grpc.stream_stream_rpc_method_handler(sessions)},
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = make_channel(f"127.0.0.1:{port}")
+    try:
+        stream = SharedStream(sessions_method(channel))
+        until = asyncio.get_running_loop().time() + LONG
+        session = stream.open_session()
+        await session.send(start("s1"), until)
+        await session.send(mail("ok@x.test"), until)
+        with pytest.raises(StreamFailure) as failed:
+            await session.receive(until)
+        assert failed.value.code is grpc.StatusCode.UNKNOWN
+        assert not failed.value.replayable
+    finally:
+        await channel.close(None)
+        await server.stop(0)

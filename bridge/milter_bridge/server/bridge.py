@@ -77,6 +77,8 @@ class Bridge:
                 c.policy_streams,
                 self.metadata,
                 lambda replica: self.metrics.replica_streams.labels(replica).inc(),
+                lambda replica, n: self.metrics.replica_sessions.labels(replica).inc(n),
+                c.policy_stream_lifetime,
             )
         health = health_pb2_grpc.HealthStub(self.channel)
         self.capabilities = CapabilitiesCache(self.stub, c.describe_refresh, health, self.metadata)

@@ -41,6 +41,7 @@ from milter_bridge.session import (
     Session,
     Stage,
 )
+from milter_bridge.session.journal import MAX_REPLAYS
 from milter_bridge.upstream.capabilities import CapabilitiesCache
 from milter_bridge.upstream.channel import ProcessMethod
 from milter_bridge.upstream.pool import SharedStreams
@@ -114,6 +115,7 @@ class MtaConnection:
         # The least time between two SMFIR_PROGRESS; also how often waits tick.
         self._progress_gap = min(PROGRESS_GAP, config.progress_interval)
         self._closing: set[asyncio.Task[None]] = set()
+        self._left_replica: str | None = None  # a replayed session goes elsewhere
         self.session: Session | None = None
 
     async def run(self) -> None:
@@ -175,6 +177,7 @@ class MtaConnection:
             max_headers=config.max_headers,
             max_recipients=config.max_recipients,
             max_recipient_buffer=config.max_recipient_buffer,
+            replays=MAX_REPLAYS if self._shares(plan) else 0,
         )
         self.session = self.log.session = session
         self.log.debug("connected")
@@ -197,6 +200,10 @@ class MtaConnection:
                 )
             await self._carry_out(session.connection_lost(), loop.time())
         self.log.debug("closed")
+
+    def _shares(self, plan: Plan) -> bool:
+        """Sessions ride on shared streams: the bridge has them and the policy serves them."""
+        return self._shared is not None and plan.capabilities.shared_streams
 
     async def _carry_out(self, outputs: list[Output], started: float) -> None:
         """``started``: when what caused the outputs happened (stage deadlines count from it)."""
@@ -230,15 +237,15 @@ class MtaConnection:
         if output.stream != self._stream_id:
             # The session's first request of a new stream is its `start`.
             self._stream_id = output.stream
-            if self._shared is not None and session.plan.capabilities.shared_streams:
-                self._stream = self._shared.open_session()
+            if self._shared is not None and self._shares(session.plan):
+                self._stream = self._shared.open_session(self._left_replica)
             else:
                 self._stream = PolicyStream(
                     self._process,
                     self.log,
                     self._metrics.stream_retries.inc,
                     self._metadata,
-                    lambda replica: self._metrics.replica_streams.labels(replica).inc(),
+                    self._count_replica,
                     self._keep_mta_waiting,
                     self._progress_gap,
                 )
@@ -265,6 +272,11 @@ class MtaConnection:
                 )
             self.log.warning("%s: cancelling its stream", reason)
             self._drop_stream(session, reason, cause)
+
+    def _count_replica(self, replica: str) -> None:
+        """A Process stream reached ``replica``: a stream, and a session's conversation."""
+        self._metrics.replica_streams.labels(replica).inc()
+        self._metrics.replica_sessions.labels(replica).inc()
 
     def _deadline(self, stage: Stage) -> float:
         # ABORT is only observed: it is handed over within the connect stage's deadline.
@@ -304,12 +316,38 @@ class MtaConnection:
                 await self._fail(session, f"no answer within {deadline_s:g}s", "timeout")
                 return
             except StreamFailure as exc:
+                replayed = await self._replay(session, exc) if exc.replayable else None
+                if replayed is not None:
+                    stream = replayed
+                    continue
                 if exc.refresh_capabilities:
                     self._capabilities.refresh_now()
                 await self._fail(session, str(exc), exc.cause)
                 return
             if not await self._take_answer(session, response):
                 return
+
+    async def _replay(
+        self, session: Session, failure: StreamFailure
+    ) -> PolicyStream | SharedSession | None:
+        """The shared stream broke because its replica went away: the session's
+        conversation again on another stream, within the same deadline; that stream,
+        or None when the session cannot be replayed."""
+        outputs = session.replay(self._stream_id)
+        if not outputs:
+            return None
+        old = self._stream
+        if isinstance(old, SharedSession):
+            self._left_replica = old.replica
+        self._stream = None
+        self._metrics.stream_retries.inc()
+        self.log.info(
+            "policy stream broke (%s): replaying the session on another (attempt %d)",
+            failure,
+            session.replayed,
+        )
+        await self._carry_out(outputs, self._decision_started)
+        return self._stream
 
     async def _take_answer(self, session: Session, response: pb.ProcessResponse) -> bool:
         """Apply one policy answer; False when it was refused and the failure action ran."""

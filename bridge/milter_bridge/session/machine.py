@@ -26,6 +26,11 @@ more of that message goes to any stream, each later event of it that awaits
 an answer is pending with ``policy_failure`` set (the connection answers it
 with the stage's failure action at once), and the next message opens a new
 stream that begins with `start`.
+
+On a shared stream (``replays`` > 0) a stream that broke because its replica
+went away is not a failure yet: ``replay()`` gives the conversation again on
+a new stream (journal.py), the answered events as decided; only when it
+cannot (too many replays, too much kept) does ``policy_failed`` follow.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE, CommandDecoder
 from milter_bridge.protocol.constants import MacroStage
 from milter_bridge.protocol.errors import InvalidAnswer, ProtocolError
 from milter_bridge.session import answers, events
+from milter_bridge.session.journal import Journal
 from milter_bridge.session.macros import MacroStore
 from milter_bridge.session.negotiation import Negotiation, negotiate
 from milter_bridge.session.plan import Body, Mode, Plan, Stage
@@ -152,8 +158,13 @@ class Session:
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
         max_recipient_buffer: int = DEFAULT_MAX_RECIPIENT_BUFFER,
+        replays: int = 0,
     ) -> None:
         self.plan = plan
+        # On a shared stream: how often a conversation may be replayed (journal.py).
+        self._max_replays = replays
+        self._journal: Journal | None = None
+        self._replays = 0
         # Memory per connection: a buffered body and the headers collected for the
         # policy are cut at these sizes (the policy is told: *_truncated).
         self.body_limit = min(plan.body_limit, max_body_buffer)
@@ -221,6 +232,8 @@ class Session:
             skip = self._negotiated().skip
             replies = answers.verdict_replies(p.stage, response.verdict, skip=skip)
             action = response.verdict.action
+            if self._journal is not None:
+                self._journal.decided(response.verdict)
         elif kind == "end_of_message":
             if p.stage is not Stage.EOM:
                 msg = f"answer to {p.stage.value}: modifications are only valid for end_of_message"
@@ -267,6 +280,30 @@ class Session:
         if self._failure is None:
             self._failure = (reason, cause)
 
+    def replay(self, stream: int) -> list[Output]:
+        """Shared stream ``stream`` broke because its replica went away (the statuses
+        ``status.classify`` retries): the conversation again on a new stream (journal.py),
+        or [] when it cannot be: not the open stream, the journal past its limit, or
+        replayed ``replays`` times already. Then ``policy_failed`` applies as ever."""
+        journal = self._journal
+        if (
+            journal is None
+            or stream != self.stream
+            or self._failure is not None
+            or self._replays >= self._max_replays
+            or not journal.complete
+        ):
+            return []
+        self._replays += 1
+        self._streams += 1
+        self.stream = self._streams
+        return [SendToPolicy(req, self.stream, st) for req, st in journal.replay(self._replays)]
+
+    @property
+    def replayed(self) -> int:
+        """How often the open conversation was replayed."""
+        return self._replays
+
     @property
     def policy_failure(self) -> tuple[str, str] | None:
         """(reason, cause) when the policy is not asked for the rest of this message."""
@@ -310,6 +347,8 @@ class Session:
         self._reset_message()
 
     def _reset_message(self) -> None:
+        if self._journal is not None:
+            self._journal.message_over()
         self._failure = None
         self._message_done = False
         self._message_seen = False
@@ -528,12 +567,17 @@ class Session:
             )
             request = pb.ProcessRequest(sequence=1, start=start)
             out.append(SendToPolicy(request, self.stream, stage))
+            if self._max_replays:
+                self._journal, self._replays = Journal(request), 0
         self._sequence += 1
-        if stage in _MESSAGE_STAGES:
+        in_message = stage in _MESSAGE_STAGES or stage is Stage.ABORT
+        if in_message:
             self._message_seen = True
         request = pb.ProcessRequest(sequence=self._sequence, reply_expected=decide, macros=macros)
         getattr(request, field).CopyFrom(message)
         out.append(SendToPolicy(request, self.stream, stage))
+        if self._journal is not None:
+            self._journal.add(request, stage, in_message=in_message)
         return out
 
     def _end_stream(self) -> list[Output]:

@@ -1,19 +1,22 @@
 """One long-lived SharedPolicyService.Sessions stream carrying many SMTP sessions.
 
-A building block of the issue "Streams out of the hot path", not yet used by
-the connections. ``SharedStream.open_session()`` gives a ``SharedSession``
-with PolicyStream's interface (``send``, ``receive``, ``close``, ``cancel``), so
-that a connection can use either. What the sessions send is queued and one
-writer task writes it as few SessionsRequest messages as there are moments
-something is ready (each at most ``MAX_BATCH_BYTES``, below any policy's default
-4 MiB receive limit, unless one request alone is larger); one reader task
-hands each SessionResponse to its session by key.
+``SharedStream.open_session()`` gives a ``SharedSession`` with PolicyStream's
+interface (``send``, ``receive``, ``close``, ``cancel``), so that a connection
+can use either. What the sessions send is queued and one writer task writes it
+as few SessionsRequest messages as there are moments something is ready (each
+at most ``MAX_BATCH_BYTES``, below any policy's default 4 MiB receive limit,
+unless one request alone is larger); one reader task hands each
+SessionResponse to its session by key.
 
 Failures: a SessionError, an answer that names a request not yet sent, or more
 unread answers than ``MAX_UNREAD`` fail that session only; a status that ends
 the call, or a message that is not a SessionsResponse, fails every session on
-the stream (classified as on Process, by ``status.classify``). Replaying the
-sessions of a broken stream elsewhere is not done here yet.
+the stream (classified as on Process, by ``status.classify``). When the
+replica went away the failure is ``replayable``: the connection then replays
+the session on another stream (``Session.replay``, session/journal.py).
+
+A stream that is retired (the policy sent ``draining``, or the pool retires
+it by age) takes no new sessions and is half-closed once its last one ended.
 """
 
 from __future__ import annotations
@@ -30,15 +33,7 @@ from google.protobuf.message import DecodeError
 from milter_bridge.upstream.first_status import StatusRecord
 from milter_bridge.upstream.security import Metadata
 from milter_bridge.upstream.status import classify
-from milter_bridge.upstream.stream import (
-    _CALL_ERRORS,
-    OPEN_ATTEMPTS,
-    REPLAY_LIMIT,
-    StreamFailure,
-    _failure,
-    _with_attempt,
-    replica_of,
-)
+from milter_bridge.upstream.stream import CALL_ERRORS, StreamFailure, failure_of, replica_of
 from milter_bridge.v1 import policy_pb2 as pb
 
 MAX_BATCH_BYTES = 1 << 20
@@ -60,29 +55,25 @@ def sessions_method(channel: grpc.aio.Channel) -> SessionsMethod:
     )
 
 
-Mover = Callable[["SharedSession"], "SharedStream | None"]
-
-
 class SharedSession:
     """One session on a shared stream; PolicyStream's interface.
 
-    Until the policy's first answer to it, a session keeps what it sent (at most
-    REPLAY_LIMIT bytes): when its stream breaks in a way that ``status.classify``
-    allows to retry (the replica went away), ``mover`` gives it another stream and
-    it is sent there again, ``start.attempt`` counting up, at most OPEN_ATTEMPTS
-    streams in all, as a Process stream is reopened."""
+    When its stream breaks, a session fails with the stream's failure; when the
+    replica went away that failure is ``replayable`` and the connection may
+    replay the session on another stream (``Session.replay``)."""
 
-    def __init__(self, stream: SharedStream, key: int, mover: Mover | None = None) -> None:
+    def __init__(self, stream: SharedStream, key: int) -> None:
         self._stream = stream
         self.key = key
-        self._mover = mover
         self._answers: asyncio.Queue[pb.ProcessResponse | StreamFailure] = asyncio.Queue()
         self._queued = 0  # the highest sequence queued for sending
         self._over = False
-        self._journal: list[pb.ProcessRequest] | None = []  # None: answered, or too much
-        self._journal_bytes = 0
-        self._attempts = 1
         self.failure: str | None = None
+
+    @property
+    def replica(self) -> str | None:
+        """The replica its stream went to, once known."""
+        return self._stream.replica
 
     async def send(self, request: pb.ProcessRequest, until: float) -> bool:  # noqa: ARG002
         """Queued for the stream's writer. On a session already failed (its stream broke)
@@ -91,11 +82,6 @@ class SharedSession:
         if self._over or self._stream.broken is not None:
             return True
         self._queued = max(self._queued, request.sequence)
-        if self._journal is not None:
-            self._journal_bytes += request.ByteSize()
-            self._journal = self._journal if self._journal_bytes <= REPLAY_LIMIT else None
-            if self._journal is not None:
-                self._journal.append(request)
         self._stream.queue(pb.SessionRequest(session=self.key, request=request))
         return True
 
@@ -132,30 +118,7 @@ class SharedSession:
         elif self._answers.qsize() >= MAX_UNREAD:
             self.fail(StreamFailure(f"more than {MAX_UNREAD} answers unread", "invalid_reply"))
         else:
-            self._journal = None  # an answer was used: a replay could not undo that
             self._answers.put_nowait(answer)
-
-    def stream_broke(
-        self, code: grpc.StatusCode | None, details: str, failure: StreamFailure
-    ) -> None:
-        """From the stream: it ended. Sent again elsewhere when that is allowed, else failed."""
-        if (
-            code is not None
-            and self._mover is not None
-            and self._journal is not None
-            and self._attempts < OPEN_ATTEMPTS
-            and classify(code, details, replied=False).retry
-        ):
-            stream = self._mover(self)
-            if stream is not None:
-                self._attempts += 1
-                self._stream, self.key = stream, stream.adopt(self)
-                for request in self._journal:
-                    if request.HasField("start"):
-                        request = _with_attempt(request, self._attempts - 1)  # noqa: PLW2901
-                    stream.queue(pb.SessionRequest(session=self.key, request=request))
-                return
-        self.fail(failure)
 
     def fail(self, failure: StreamFailure) -> None:
         """The session can go no further on this stream; ``receive`` raises ``failure``."""
@@ -193,15 +156,22 @@ class SharedStream:
         method: SessionsMethod,
         metadata: Metadata = (),
         on_replica: Callable[[str], object] | None = None,
+        on_sessions: Callable[[str, int], object] | None = None,
     ) -> None:
         self._call: SessionsCall = method(None, wait_for_ready=True, metadata=metadata)
         self._status = StatusRecord(self._call)
         self._on_replica = on_replica
+        self._on_sessions = on_sessions
+        self._uncounted = 0  # sessions opened before the replica was known
+        self.opened_at = asyncio.get_running_loop().time()
+        self._retired = False
+        self._on_closed: Callable[[], object] | None = None
+        self._closing = False
         self._sessions: dict[int, SharedSession] = {}
         self._keys = itertools.count(1)
         self._outgoing: list[pb.SessionRequest] = []
         self._ready = asyncio.Event()
-        self._replied = False
+        self.replica: str | None = None  # from the policy's initial metadata
         self.broken: StreamFailure | None = None
         self._writer = asyncio.ensure_future(self._write())
         self._reader = asyncio.ensure_future(self._read())
@@ -210,16 +180,33 @@ class SharedStream:
     def sessions(self) -> int:
         return len(self._sessions)
 
-    def open_session(self, mover: Mover | None = None) -> SharedSession:
-        session = SharedSession(self, next(self._keys), mover)
+    @property
+    def retired(self) -> bool:
+        """Takes no new sessions: broken, draining, or retired by the pool."""
+        return self._retired or self.broken is not None
+
+    def open_session(self) -> SharedSession:
+        session = SharedSession(self, next(self._keys))
         self._sessions[session.key] = session
+        if self.replica is None:
+            self._uncounted += 1
+        elif self._on_sessions is not None:
+            self._on_sessions(self.replica, 1)
         return session
 
-    def adopt(self, session: SharedSession) -> int:
-        """A session moved here from a broken stream: its key on this one."""
-        key = next(self._keys)
-        self._sessions[key] = session
-        return key
+    def retire(self, on_closed: Callable[[], object] | None = None) -> None:
+        """No new sessions; half-closed once the last one ends, then ``on_closed``."""
+        self._retired = True
+        self._on_closed = on_closed or self._on_closed
+        self._close_when_empty()
+
+    def _close_when_empty(self) -> None:
+        if self._retired and not self._sessions and not self._closing:
+            asyncio.ensure_future(self.close()).add_done_callback(self._closed)
+
+    def _closed(self, _: object) -> None:
+        if self._on_closed is not None:
+            self._on_closed()
 
     def queue(self, item: pb.SessionRequest) -> None:
         self._outgoing.append(item)
@@ -229,11 +216,12 @@ class SharedStream:
         """A session is over: forgotten here, and the policy is told."""
         if self._sessions.pop(key, None) is not None and self.broken is None:
             self.queue(pb.SessionRequest(session=key, end=pb.SessionEnd(reason=reason[:200])))
+            self._close_when_empty()
 
     async def _write(self) -> None:
         call = self._call
-        with contextlib.suppress(*_CALL_ERRORS):
-            while True:
+        with contextlib.suppress(*CALL_ERRORS):
+            while not self._closing or self._outgoing:
                 await self._ready.wait()
                 self._ready.clear()
                 while self._outgoing:
@@ -246,12 +234,16 @@ class SharedStream:
                         batch.append(item)
                     del self._outgoing[: len(batch)]
                     await call.write(pb.SessionsRequest(requests=batch))
+            await call.done_writing()
 
     async def _read(self) -> None:
         call = self._call
         try:
+            self.replica = replica_of(await call.initial_metadata())
             if self._on_replica is not None:
-                self._on_replica(replica_of(await call.initial_metadata()))
+                self._on_replica(self.replica)
+            if self._on_sessions is not None and self._uncounted:
+                self._on_sessions(self.replica, self._uncounted)
             while (data := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 assert isinstance(data, bytes)
                 try:
@@ -261,24 +253,25 @@ class SharedStream:
                         StreamFailure("a reply that is not a SessionsResponse", "invalid_reply")
                     )
                     return
+                if message.draining:
+                    self.retire()
                 for response in message.responses:
                     session = self._sessions.get(response.session)
                     if session is not None:  # else: a session already over
-                        self._replied = True
                         session.deliver(response)
             self._break(StreamFailure("the policy ended the stream", "stream_error"))
-        except _CALL_ERRORS:
+        except CALL_ERRORS:
             code, details = self._status.code, self._status.details
             if code is None:
                 self._break(StreamFailure("stream cancelled", "stream_error"))
             else:
-                failure = _failure(code, details, classify(code, details, replied=True))
-                self._break(failure, code, details)
+                # Answers already used do not stop a replay: it sends them as decided.
+                replayable = classify(code, details, replied=False).retry
+                meaning = classify(code, details, replied=True)
+                self._break(failure_of(code, details, meaning, replayable=replayable))
 
-    def _break(
-        self, failure: StreamFailure, code: grpc.StatusCode | None = None, details: str = ""
-    ) -> None:
-        """The stream is over: each session on it moves or fails; the call is cancelled."""
+    def _break(self, failure: StreamFailure) -> None:
+        """The stream is over: each session on it fails; the call is cancelled."""
         if self.broken is None:
             self.broken = failure
         sessions = list(self._sessions.values())
@@ -286,16 +279,16 @@ class SharedStream:
         self._call.cancel()
         self._writer.cancel()
         for session in sessions:
-            session.stream_broke(code, details, failure)
+            session.fail(failure)
+        if self._retired:
+            self._closed(None)
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Normal end, once no session is left: half-close and read to the end."""
-        self._writer.cancel()
-        with contextlib.suppress(*_CALL_ERRORS):
-            if self._outgoing:
-                await self._call.write(pb.SessionsRequest(requests=self._outgoing))
-            await self._call.done_writing()
-        await asyncio.wait([self._reader], timeout=timeout)
+        """Normal end, once no session is left: what is queued is written, then the
+        half-close, and the policy's end is read."""
+        self._closing = True
+        self._ready.set()
+        await asyncio.wait([self._writer, self._reader], timeout=timeout)
         if not self._reader.done():
             self._call.cancel()
             await asyncio.wait([self._reader], timeout=timeout)

@@ -65,7 +65,7 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 # What a write or half-close on a call that already ended raises: besides the RPC's
 # error, grpc.aio's InternalError (ExecuteBatchError when Core refuses the batch,
 # seen when the policy's process was killed while streams were being closed).
-_CALL_ERRORS = (
+CALL_ERRORS = (
     grpc.aio.AioRpcError,
     grpc.aio.UsageError,
     grpc.aio.InternalError,
@@ -79,7 +79,9 @@ class StreamFailure(Exception):
     """The stream broke or ended while an answer was awaited.
 
     ``cause`` is the failure cause (a metrics label); ``refresh_capabilities``
-    says whether the policy's capabilities should be fetched again at once.
+    says whether the policy's capabilities should be fetched again at once;
+    ``replayable``: a shared stream broke because its replica went away, and
+    each session on it may be replayed on another (session/journal.py).
     """
 
     def __init__(
@@ -89,11 +91,13 @@ class StreamFailure(Exception):
         *,
         code: grpc.StatusCode | None = None,
         refresh_capabilities: bool = False,
+        replayable: bool = False,
     ) -> None:
         super().__init__(reason)
         self.code = code
         self.cause = cause
         self.refresh_capabilities = refresh_capabilities
+        self.replayable = replayable
 
 
 Call = grpc.aio.StreamStreamCall[pb.ProcessRequest, bytes]
@@ -232,7 +236,7 @@ class PolicyStream:
 
         async def write() -> None:
             # A call that already failed refuses writes; its status reaches the reader.
-            with contextlib.suppress(*_CALL_ERRORS):
+            with contextlib.suppress(*CALL_ERRORS):
                 await call.write(request)
 
         task = asyncio.ensure_future(write())
@@ -287,7 +291,7 @@ class PolicyStream:
             meaning = classify(code, details, replied=self._replied)
             if meaning.retry and await self._reopen(until):
                 continue
-            raise _failure(code, details, meaning)
+            raise failure_of(code, details, meaning)
 
     async def _reopen(self, until: float) -> bool:
         if self._sent is None or self._attempts >= OPEN_ATTEMPTS:
@@ -315,7 +319,7 @@ class PolicyStream:
         until = loop.time() + CLOSE_TIMEOUT
 
         async def half_close() -> None:
-            with contextlib.suppress(*_CALL_ERRORS):
+            with contextlib.suppress(*CALL_ERRORS):
                 await call.done_writing()
 
         closing = asyncio.ensure_future(half_close())
@@ -342,12 +346,15 @@ class PolicyStream:
             self._call.cancel()
 
 
-def _failure(code: grpc.StatusCode, details: str, meaning: Classification) -> StreamFailure:
+def failure_of(
+    code: grpc.StatusCode, details: str, meaning: Classification, *, replayable: bool = False
+) -> StreamFailure:
     return StreamFailure(
         f"stream failed: {code.name}: {details}",
         meaning.cause,
         code=code,
         refresh_capabilities=meaning.refresh_capabilities,
+        replayable=replayable,
     )
 
 

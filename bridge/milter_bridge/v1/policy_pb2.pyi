@@ -330,18 +330,28 @@ class SessionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESPONSES_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    draining: _builtins.bool
+    """The policy is shutting down (SIGTERM, a rolling update): the bridge sends
+    no new session on this stream and takes them elsewhere, finishes those
+    on it as usual, and half-closes the stream once the last one ended. Send
+    it once, after the server stopped taking new calls (gRPC's graceful stop:
+    GOAWAY), so that the stream taking this one's place goes to another
+    replica; a stream that arrives while the policy drains gets it at once.
+    """
     @_builtins.property
     def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResponse]:
-        """At least one."""
+        """At least one, unless `draining` is set."""
 
     def __init__(
         self,
         *,
         responses: _abc.Iterable[Global___SessionResponse] | None = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "responses", b"responses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -871,6 +881,11 @@ class StreamStart(_message.Message):
     the bridge opens a new one (possibly to another replica) and sends the
     same requests again with attempt 1, 2: a policy that acts on events
     (counts, stores) should treat (session_id, sequence) as already seen.
+    On a shared stream (SharedPolicyService) a session is also replayed after
+    answers were used: the session's own events and those of the current
+    message, with their original sequence numbers (those of finished
+    messages are left out, so sequences may skip), each answered one with
+    ProcessRequest.decided; at most 2 replays per session.
     """
     @_builtins.property
     def capabilities(self) -> Global___Capabilities:
@@ -1398,6 +1413,7 @@ class ProcessRequest(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     REPLY_EXPECTED_FIELD_NUMBER: _builtins.int
     MACROS_FIELD_NUMBER: _builtins.int
+    DECIDED_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
     CONNECT_FIELD_NUMBER: _builtins.int
     HELO_FIELD_NUMBER: _builtins.int
@@ -1426,6 +1442,15 @@ class ProcessRequest(_message.Message):
         also finds those of earlier stages; here keep them from the earlier
         events, or read EndOfMessage.envelope.macros). `start`, header,
         body_chunk, unknown and abort have no stage of their own and carry none.
+        """
+
+    @_builtins.property
+    def decided(self) -> Global___Verdict:
+        """Only on a shared stream (SharedPolicyService), only in a replay (its
+        StreamStart.attempt > 0): this event was answered on an earlier stream
+        with this verdict, and the bridge carried that verdict out. The policy
+        updates its state from the event as usual, knowing what was decided;
+        reply_expected is false and the event must not be answered.
         """
 
     @_builtins.property
@@ -1482,6 +1507,7 @@ class ProcessRequest(_message.Message):
         sequence: _builtins.int = ...,
         reply_expected: _builtins.bool = ...,
         macros: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        decided: Global___Verdict | None = ...,
         start: Global___StreamStart | None = ...,
         connect: Global___Connect | None = ...,
         helo: Global___Helo | None = ...,
@@ -1495,9 +1521,9 @@ class ProcessRequest(_message.Message):
         unknown: Global___Unknown | None = ...,
         abort: Global___Abort | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body_chunk", b"body_chunk", "connect", b"connect", "data", b"data", "end_of_headers", b"end_of_headers", "end_of_message", b"end_of_message", "event", b"event", "header", b"header", "helo", b"helo", "mail_from", b"mail_from", "rcpt_to", b"rcpt_to", "start", b"start", "unknown", b"unknown"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body_chunk", b"body_chunk", "connect", b"connect", "data", b"data", "decided", b"decided", "end_of_headers", b"end_of_headers", "end_of_message", b"end_of_message", "event", b"event", "header", b"header", "helo", b"helo", "mail_from", b"mail_from", "rcpt_to", b"rcpt_to", "start", b"start", "unknown", b"unknown"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body_chunk", b"body_chunk", "connect", b"connect", "data", b"data", "end_of_headers", b"end_of_headers", "end_of_message", b"end_of_message", "event", b"event", "header", b"header", "helo", b"helo", "macros", b"macros", "mail_from", b"mail_from", "rcpt_to", b"rcpt_to", "reply_expected", b"reply_expected", "sequence", b"sequence", "start", b"start", "unknown", b"unknown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body_chunk", b"body_chunk", "connect", b"connect", "data", b"data", "decided", b"decided", "end_of_headers", b"end_of_headers", "end_of_message", b"end_of_message", "event", b"event", "header", b"header", "helo", b"helo", "macros", b"macros", "mail_from", b"mail_from", "rcpt_to", b"rcpt_to", "reply_expected", b"reply_expected", "sequence", b"sequence", "start", b"start", "unknown", b"unknown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "connect", "helo", "mail_from", "rcpt_to", "data", "header", "end_of_headers", "body_chunk", "end_of_message", "unknown", "abort"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015

@@ -1,0 +1,92 @@
+"""What a session sent on a shared stream, kept so that another stream can take over.
+
+Only for a policy on shared streams (``SharedPolicyService``, which documents
+replays): when the stream breaks because its replica went away, the session's
+conversation is sent again on a new stream, ``start.attempt`` counting up. Kept:
+the session's own events (connect, helo, unknown) and the current message's;
+a finished or aborted message is dropped, so a long SMTP session stays small.
+An event the policy already answered is replayed as observed, with ``decided``
+set to the verdict the bridge carried out: the policy rebuilds its state and
+decides nothing twice. At most ``limit`` bytes are kept; a conversation that
+needs more cannot be replayed until its message is over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from milter_bridge.session.plan import Stage
+from milter_bridge.v1 import policy_pb2 as pb
+
+JOURNAL_LIMIT = 1 << 20
+# Replays of one conversation: a message that kills every replica it reaches must
+# not walk through all of them (at most three streams in all, as OPEN_ATTEMPTS).
+MAX_REPLAYS = 2
+
+
+@dataclass(slots=True)
+class _Entry:
+    request: pb.ProcessRequest
+    stage: Stage
+    size: int
+    in_message: bool
+    decided: pb.Verdict | None = None
+
+
+class Journal:
+    def __init__(self, start: pb.ProcessRequest, limit: int = JOURNAL_LIMIT) -> None:
+        self._start = start
+        self._limit = limit
+        self._entries: list[_Entry] = []
+        self._last: _Entry | None = None
+        self._bytes = 0  # of every request of the conversation kept or not
+        self._message_bytes = 0
+        self._lost = False  # a request of the session itself was not kept: no replay
+
+    @property
+    def complete(self) -> bool:
+        """Everything a replay needs is kept (within the limit)."""
+        return self._bytes <= self._limit and not self._lost
+
+    def add(self, request: pb.ProcessRequest, stage: Stage, *, in_message: bool) -> None:
+        # Past the limit nothing more is kept (no replay until the message ends), but
+        # the bytes are still counted so that it stays off.
+        size = request.ByteSize()
+        self._bytes += size
+        if in_message:
+            self._message_bytes += size
+        self._last = None
+        if self.complete:
+            self._last = _Entry(request, stage, size, in_message)
+            self._entries.append(self._last)
+        elif not in_message:
+            self._lost = True
+
+    def decided(self, verdict: pb.Verdict) -> None:
+        """The last request added (the one that awaited an answer) got this verdict."""
+        if self._last is not None:
+            self._last.decided = verdict
+
+    def message_over(self) -> None:
+        if self._message_bytes:
+            self._entries = [e for e in self._entries if not e.in_message]
+            self._bytes -= self._message_bytes
+            self._message_bytes = 0
+        self._last = None
+
+    def replay(self, attempt: int) -> list[tuple[pb.ProcessRequest, Stage]]:
+        """The conversation again, for a new stream: `start` with ``attempt``, then each
+        kept request in order, the answered ones as observed with ``decided``."""
+        start = pb.ProcessRequest()
+        start.CopyFrom(self._start)
+        start.start.attempt = attempt
+        out: list[tuple[pb.ProcessRequest, Stage]] = [(start, Stage.CONNECT)]
+        for entry in self._entries:
+            request = entry.request
+            if entry.decided is not None:
+                request = pb.ProcessRequest()
+                request.CopyFrom(entry.request)
+                request.reply_expected = False
+                request.decided.CopyFrom(entry.decided)
+            out.append((request, entry.stage))
+        return out
