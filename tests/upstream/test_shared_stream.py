@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -18,6 +19,7 @@ from milter_bridge.upstream.shared import SharedStream, sessions_method
 from milter_bridge.upstream.stream import StreamFailure
 from milter_bridge.v1 import policy_pb2 as pb
 from milter_policy import PolicyServer
+from tests.faults.proxy import Proxy
 from tests.sdk.test_shared import Slow
 
 LONG = 30.0
@@ -202,4 +204,46 @@ async def test_a_stream_that_fails_for_the_policys_own_error_is_not_replayable()
         assert not failed.value.replayable
     finally:
         await channel.close(None)
+        await server.stop(0)
+
+
+async def test_a_stream_silent_past_a_deadline_is_retired(tmp_path: Path) -> None:
+    """Nothing at all comes on the stream after a session asked (a partition: the
+    proxy between holds every byte): the session's timeout retires the stream, so no new
+    session goes there, long before keepalive would notice. A stream that is merely slow
+    for one session (it answered another meanwhile) is not retired."""
+    slow = Slow()
+    server = PolicyServer(slow.policy, f"unix:{tmp_path / 'policy.sock'}")
+    await server.start()
+    proxy = Proxy(tmp_path / "proxy.sock", tmp_path / "policy.sock")
+    await proxy.start()
+    channel = make_channel(proxy.target)
+    try:
+        stream = SharedStream(sessions_method(channel))
+        loop = asyncio.get_running_loop()
+        held, fast = stream.open_session(), stream.open_session()
+        until = loop.time() + LONG
+        await held.send(start("held"), until)
+        await held.send(mail("slow@x.test"), until)
+        await fast.send(start("fast"), until)
+        await fast.send(mail("ok@x.test"), until)
+        assert (await fast.receive(until)).verdict.action == pb.ACTION_CONTINUE
+        # Slow, not silent: fast's answer came on the stream after held asked.
+        with pytest.raises(TimeoutError):
+            await held.receive(loop.time() + 0.2)
+        assert not held.timed_out()  # fast's answer came after held asked: not silent
+        assert not stream.retired
+        proxy.pause()
+        again = stream.open_session()
+        await again.send(start("again"), until)
+        await again.send(mail("ok@x.test"), until)
+        with pytest.raises(TimeoutError):
+            await again.receive(loop.time() + 0.2)
+        assert again.timed_out()
+        assert stream.retired
+    finally:
+        proxy.resume()
+        slow.release.set()
+        await channel.close(None)
+        await proxy.stop()
         await server.stop(0)

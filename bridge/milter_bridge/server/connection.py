@@ -313,6 +313,12 @@ class MtaConnection:
             try:
                 response = await stream.receive(deadline)
             except TimeoutError:
+                if isinstance(stream, SharedSession) and stream.timed_out():
+                    self.log.warning(
+                        "shared stream to replica %s silent for %gs: no new sessions on it",
+                        stream.replica,
+                        deadline_s,
+                    )
                 await self._fail(session, f"no answer within {deadline_s:g}s", "timeout")
                 return
             except StreamFailure as exc:

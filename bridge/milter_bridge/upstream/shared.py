@@ -67,6 +67,7 @@ class SharedSession:
         self.key = key
         self._answers: asyncio.Queue[pb.ProcessResponse | StreamFailure] = asyncio.Queue()
         self._queued = 0  # the highest sequence queued for sending
+        self._asked_at = 0.0  # when the last request that expects an answer was queued
         self._over = False
         self.failure: str | None = None
 
@@ -82,8 +83,21 @@ class SharedSession:
         if self._over or self._stream.broken is not None:
             return True
         self._queued = max(self._queued, request.sequence)
+        if request.reply_expected:
+            self._asked_at = asyncio.get_running_loop().time()
         self._stream.queue(pb.SessionRequest(session=self.key, request=request))
         return True
+
+    def timed_out(self) -> bool:
+        """The answer did not come in time. When nothing at all came on the stream since
+        it was asked for, the replica (or the path to it) is silent, maybe dead without a
+        word, which keepalive would notice only after minutes: the stream is retired, so
+        that new sessions go elsewhere. True when it was."""
+        stream = self._stream
+        if stream.broken is None and not stream.retired and stream.last_heard < self._asked_at:
+            stream.retire()
+            return True
+        return False
 
     async def receive(self, until: float) -> pb.ProcessResponse:
         """The next answer, by loop time ``until``; raises TimeoutError or StreamFailure."""
@@ -172,6 +186,7 @@ class SharedStream:
         self._outgoing: list[pb.SessionRequest] = []
         self._ready = asyncio.Event()
         self.replica: str | None = None  # from the policy's initial metadata
+        self.last_heard = self.opened_at  # when the policy last sent anything on it
         self.broken: StreamFailure | None = None
         self._writer = asyncio.ensure_future(self._write())
         self._reader = asyncio.ensure_future(self._read())
@@ -246,6 +261,7 @@ class SharedStream:
                 self._on_sessions(self.replica, self._uncounted)
             while (data := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 assert isinstance(data, bytes)
+                self.last_heard = asyncio.get_running_loop().time()
                 try:
                     message = pb.SessionsResponse.FromString(data)
                 except DecodeError:
