@@ -63,11 +63,25 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
-        frames: list[Frame] = []
+        return [Frame(code, payload) for code, payload in self.packets(data)]
+
+    def packets(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """``feed`` as (command byte, payload) pairs, without a Frame for each."""
+        if self._buf:
+            self._buf += data
+            held = self._buf
+            if len(held) < 4:
+                return []
+            (length,) = _LEN.unpack_from(held, 0)
+            if 0 < length <= self.max_packet_size and len(held) < 4 + length:
+                return []  # still inside one packet: nothing copied until it is whole
+            buf = bytes(held)
+        else:
+            buf = data  # the common case: whole packets, sliced without a copy first
+        packets: list[tuple[bytes, bytes]] = []
         pos = 0
-        buf = self._buf
-        while len(buf) - pos >= 4:
+        size = len(buf)
+        while size - pos >= 4:
             (length,) = _LEN.unpack_from(buf, pos)
             if length == 0:
                 msg = "packet of length 0 has no command byte"
@@ -79,13 +93,12 @@ class FrameDecoder:
                 )
                 raise FrameTooLarge(msg)
             end = pos + 4 + length
-            if end > len(buf):
+            if end > size:
                 break
-            frames.append(Frame(bytes(buf[pos + 4 : pos + 5]), bytes(buf[pos + 5 : end])))
+            packets.append((buf[pos + 4 : pos + 5], buf[pos + 5 : end]))
             pos = end
-        if pos:
-            del buf[:pos]
-        return frames
+        self._buf = bytearray(buf[pos:]) if pos < size else bytearray()
+        return packets
 
 
 def _decode(frame: Frame, parsers: dict[bytes, Callable[[bytes], _T]], side: str) -> _T:
@@ -113,7 +126,15 @@ class CommandDecoder:
         self.frames = FrameDecoder(max_packet_size)
 
     def feed(self, data: bytes) -> list[MtaCommand]:
-        return [decode_command(f) for f in self.frames.feed(data)]
+        parsers = COMMAND_PARSERS
+        commands: list[MtaCommand] = []
+        for code, payload in self.frames.packets(data):
+            parse = parsers.get(code)
+            if parse is None:
+                msg = f"unknown command byte {code!r} (payload {payload[:32]!r})"
+                raise UnknownCommand(msg)
+            commands.append(parse(payload))
+        return commands
 
 
 class ReplyDecoder:

@@ -84,10 +84,14 @@ class Reader:
 
     def cstrs(self) -> tuple[bytes, ...]:
         """All remaining C strings (an argv); the payload must end with NUL."""
-        values = []
-        while not self.at_end():
-            values.append(self.cstr())
-        return tuple(values)
+        data, pos = self._data, self._pos
+        if pos >= len(data):
+            return ()
+        if data[-1] != 0:
+            self._pos = data.rfind(b"\0", pos) + 1 if b"\0" in data[pos:] else pos
+            raise self.error("string without terminating NUL")
+        self._pos = len(data)
+        return tuple(data[pos:-1].split(b"\0"))
 
     def end(self) -> None:
         if not self.at_end():

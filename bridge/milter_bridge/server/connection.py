@@ -154,7 +154,8 @@ class MtaConnection:
         """The next bytes from the MTA; an MTA silent for the idle timeout is gone."""
         idle = self._config.mta_idle_timeout
         try:
-            return await asyncio.wait_for(self._reader.read(READ_SIZE), idle)
+            async with asyncio.timeout(idle):  # no task per read, as wait_for would make
+                return await self._reader.read(READ_SIZE)
         except TimeoutError:
             self.log.warning("the MTA sent nothing for %gs: closing", idle)
             return b""
@@ -228,7 +229,8 @@ class MtaConnection:
         if to_mta:
             self._writer.write(to_mta)
             # An MTA that stops reading would hold this connection forever.
-            await asyncio.wait_for(self._writer.drain(), MTA_WRITE_TIMEOUT)
+            async with asyncio.timeout(MTA_WRITE_TIMEOUT):
+                await self._writer.drain()
 
     async def _send_to_policy(self, output: SendToPolicy, started: float) -> None:
         session = self.session

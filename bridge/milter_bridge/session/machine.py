@@ -95,6 +95,18 @@ _ENVELOPE_MACROS = {
 }
 
 
+def _skippable(plan: Plan) -> frozenset[State]:
+    """The states the MTA may skip: those of events the plan does not need (once per plan)."""
+    found = plan.derived.get("skippable")
+    if isinstance(found, frozenset):
+        return found
+    skippable = frozenset(
+        st for stage, st in _STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
+    )
+    plan.derived["skippable"] = skippable
+    return skippable
+
+
 @dataclass(frozen=True, slots=True)
 class SendToMta:
     data: bytes
@@ -180,9 +192,7 @@ class Session:
         self.finished = False  # QUIT seen: nothing more is read
         self.macros = MacroStore()
         self._queue: deque[cmd.MtaCommand] = deque()
-        self._skippable = frozenset(
-            st for stage, st in _STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
-        )
+        self._skippable = _skippable(plan)
         self.stream = 0  # the open policy stream (numbered from 1); 0: none
         self.failed_stream = 0  # the last stream that failed
         self._failure: tuple[str, str] | None = None  # the policy failed on this message

@@ -107,8 +107,26 @@ class Negotiation:
         return self.reply.version
 
 
+# Distinct offers remembered per plan; an MTA sends the same offer on every connection.
+MAX_OFFERS_KEPT = 64
+
+
 def negotiate(plan: Plan, offer: OptionNegotiation) -> Negotiation:
-    """The reply to the MTA's OPTNEG; raises MalformedPacket for a version below 2."""
+    """The reply to the MTA's OPTNEG; raises MalformedPacket for a version below 2.
+
+    Computed once per plan and offer: the sessions share the result (never change it)."""
+    key = ("optneg", offer.version, offer.actions, offer.protocol)
+    found = plan.derived.get(key)
+    if isinstance(found, Negotiation):
+        return found
+    negotiation = _negotiate(plan, offer)
+    if len(plan.derived) >= MAX_OFFERS_KEPT:
+        plan.derived.clear()
+    plan.derived[key] = negotiation
+    return negotiation
+
+
+def _negotiate(plan: Plan, offer: OptionNegotiation) -> Negotiation:
     if offer.version < SMFI_PROT_VERSION_MIN:
         msg = f"OPTNEG: MTA offers protocol version {offer.version}, the minimum is 2"
         raise MalformedPacket(msg)

@@ -9,7 +9,7 @@ end-of-message event.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -146,6 +146,11 @@ class Plan:
     header_leading_space: bool
     # False for the stand-in used while no capabilities are known (see unavailable()).
     available: bool = True
+    # What every session with this plan derives alike, computed once (negotiation.py:
+    # the reply to each distinct OPTNEG offer). Shared by sessions: read-only to them.
+    derived: dict[object, object] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @classmethod
     def unavailable(cls) -> Plan:

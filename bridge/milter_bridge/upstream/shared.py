@@ -22,6 +22,7 @@ it by age) takes no new sessions and is half-closed once its last one ended.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 from collections.abc import Callable
@@ -65,7 +66,10 @@ class SharedSession:
     def __init__(self, stream: SharedStream, key: int) -> None:
         self._stream = stream
         self.key = key
-        self._answers: asyncio.Queue[pb.ProcessResponse | StreamFailure] = asyncio.Queue()
+        # Answers not taken yet, and the receive() waiting for one (no task, no Queue:
+        # this is once per message).
+        self._answers: collections.deque[pb.ProcessResponse | StreamFailure] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._queued = 0  # the highest sequence queued for sending
         self._asked_at = 0.0  # when the last request that expects an answer was queued
         self._over = False
@@ -101,8 +105,15 @@ class SharedSession:
 
     async def receive(self, until: float) -> pb.ProcessResponse:
         """The next answer, by loop time ``until``; raises TimeoutError or StreamFailure."""
-        loop = asyncio.get_running_loop()
-        item = await asyncio.wait_for(self._answers.get(), max(until - loop.time(), 0))
+        if not self._answers:
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            try:
+                async with asyncio.timeout_at(until):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        item = self._answers.popleft()
         if isinstance(item, StreamFailure):
             self._over = True
             raise item
@@ -129,18 +140,23 @@ class SharedSession:
             # Sent before the request it names: a guess, or meant for another session.
             premature = f"the policy answered sequence {answer.sequence} before it was sent"
             self.fail(StreamFailure(premature, "invalid_reply"))
-        elif self._answers.qsize() >= MAX_UNREAD:
+        elif len(self._answers) >= MAX_UNREAD:
             self.fail(StreamFailure(f"more than {MAX_UNREAD} answers unread", "invalid_reply"))
         else:
-            self._answers.put_nowait(answer)
+            self._put(answer)
 
     def fail(self, failure: StreamFailure) -> None:
         """The session can go no further on this stream; ``receive`` raises ``failure``."""
         if self._over:
             return
         self.failure = str(failure)
-        self._answers.put_nowait(failure)
+        self._put(failure)
         self._end(str(failure))
+
+    def _put(self, item: pb.ProcessResponse | StreamFailure) -> None:
+        self._answers.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def _end(self, reason: str) -> None:
         self._over = True
