@@ -203,9 +203,9 @@ class Plan:
             msg = "actions need events.end_of_message = DECIDE (modifications happen there)"
             raise InvalidCapabilitiesError(msg)
         lists = []
-        for field, stage in MACRO_STAGES.items():
-            names = [macro_wire_name(n) for n in getattr(caps.macros, field)]
-            if names and field == "rcpt_to" and caps.rejected_recipients:
+        for event, stage in MACRO_STAGES.items():
+            names = [macro_wire_name(n) for n in getattr(caps.macros, event)]
+            if names and event == "rcpt_to" and caps.rejected_recipients:
                 # RcptTo.rejected is told by {rcpt_mailer}; a list replaces the MTA's default.
                 names.append("{rcpt_mailer}")
             if names:
