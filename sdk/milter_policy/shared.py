@@ -96,6 +96,9 @@ class SharedService(policy_pb2_grpc.SharedPolicyServiceServicer):
         consumer = asyncio.ensure_future(self._consume(request_iterator, sessions, tasks, out))
         try:
             while (item := await out.get()) is not _END:
+                # One more turn of the loop, so that answers other sessions are finishing
+                # in it go out in the same message.
+                await asyncio.sleep(0)
                 batch = [item]
                 while not out.empty() and (item := out.get_nowait()) is not _END:
                     batch.append(item)

@@ -337,7 +337,7 @@ class Session:
             MacroStage.SMFIM_ENVFROM,
             MacroStage.SMFIM_EOH,
         ):
-            value = self.macros.of(stage).get("i")
+            value = self.macros.value(stage, "i")
             if value:
                 return value
         return None
@@ -426,7 +426,7 @@ class Session:
             case cmd.Rcpt():
                 self.macros.entered(MacroStage.SMFIM_ENVRCPT)
                 rejected = self._negotiated().negotiated.rejected_recipients and (
-                    self.macros.of(MacroStage.SMFIM_ENVRCPT).get("rcpt_mailer") == "error"
+                    self.macros.value(MacroStage.SMFIM_ENVRCPT, "rcpt_mailer") == "error"
                 )
                 rcpt = events.rcpt_to(command, rejected=rejected)
                 self._hold_recipient(rcpt, len(command.payload()))

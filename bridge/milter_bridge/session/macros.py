@@ -45,3 +45,8 @@ class MacroStore:
 
     def of(self, stage: MacroStage) -> dict[str, str]:
         return dict(self._stages.get(stage, {}))
+
+    def value(self, stage: MacroStage, name: str) -> str | None:
+        """One macro of one stage, without copying the stage's macros."""
+        macros = self._stages.get(stage)
+        return None if macros is None else macros.get(name)
