@@ -35,6 +35,7 @@ class Dispatcher:
         self.ctx = Context()
         self._on_progress = on_progress
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._progress_sequence = 0
 
     async def handle(self, request: pb.ProcessRequest) -> list[pb.ProcessResponse]:
         """The responses to one request (none for observed events)."""
@@ -166,14 +167,21 @@ class Dispatcher:
         return True
 
     def _progress_for(self, sequence: int) -> None:
-        """Make ctx.progress() send at once, also from a handler's thread."""
-        send = self._on_progress
-        if send is None:
+        """Make ctx.progress() send at once, also from a handler's thread. Only the
+        event's number is kept here: the response is made when a handler asks."""
+        self._progress_sequence = sequence
+        if self._on_progress is None:
             self.ctx._send_progress = None
-            return
-        loop = asyncio.get_running_loop()
-        response = pb.ProcessResponse(sequence=sequence, progress=pb.Progress())
-        self.ctx._send_progress = lambda: loop.call_soon_threadsafe(send, response)
+        elif self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self.ctx._send_progress = self._send_progress
+
+    def _send_progress(self) -> None:
+        send, loop = self._on_progress, self._loop
+        assert send is not None
+        assert loop is not None
+        response = pb.ProcessResponse(sequence=self._progress_sequence, progress=pb.Progress())
+        loop.call_soon_threadsafe(send, response)
 
     def _answer(
         self, request: pb.ProcessRequest, *, at_eom: bool, failed: bool

@@ -25,6 +25,7 @@ Three deliberate differences:
 
 from __future__ import annotations
 
+import functools
 from enum import IntEnum
 
 from milter_bridge.protocol import constants as c
@@ -111,6 +112,7 @@ def in_mail(state: State) -> bool:
 OPTIONAL = frozenset({S.HDRS, S.BODY})
 
 
+@functools.lru_cache(maxsize=4096)  # a few plans x 19 x 19 states: computed once each
 def transition_ok(current: State, new: State, skippable: frozenset[State]) -> bool:
     """trans_ok(): ``new`` may follow ``current``, passing over opted-out and optional states."""
     skippable = skippable | OPTIONAL
