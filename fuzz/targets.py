@@ -91,11 +91,12 @@ def check_memory(session: Session, *, closed: bool = False) -> None:
         held = session.decoder.frames.buffered
         assert held <= MAX_PACKET + 5, held
     assert len(session._queue) <= MAX_QUEUED_COMMANDS, len(session._queue)
-    assert len(session._body) <= session.body_limit, len(session._body)
-    assert len(session._headers) <= session.max_headers
-    assert session._header_bytes <= session.max_header_buffer
-    assert len(session._recipients) <= session.max_recipients
-    assert session._recipient_bytes <= session.max_recipient_buffer
+    message, limits = session.message, session.limits
+    assert len(message.body) <= limits.body_limit, len(message.body)
+    assert len(message.headers) <= limits.max_headers
+    assert message.header_bytes <= limits.max_header_buffer
+    assert len(message.recipients) <= limits.max_recipients
+    assert message.recipient_bytes <= limits.max_recipient_buffer
 
 
 def new_session(plan_byte: int) -> Session:

@@ -30,6 +30,11 @@ def scale(count: int) -> int:
     return count * int(os.environ.get("FAULTS_SCALE", "1"))
 
 
+def scaled_timeout(seconds: float) -> float:
+    """pytest-timeout's limit for a case whose run time grows with ``FAULTS_SCALE``."""
+    return seconds * int(os.environ.get("FAULTS_SCALE", "1"))
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
     """The bridge at one moment: descriptors, resident memory, failure actions logged."""

@@ -21,7 +21,7 @@ import pytest
 from milter_bridge.load import Report
 from tests.faults.conftest import SHARED
 from tests.faults.fleet import fds_settle, load, messages_ended, metric, until_messages_ended
-from tests.faults.record import Probe, Row, scale
+from tests.faults.record import Probe, Row, scale, scaled_timeout
 from tests.faults.replicas import Replica, decided_by_the_policy, replica_fleet
 from tests.runtime.process import BridgeProcess
 
@@ -121,6 +121,7 @@ async def test_rolling_update_costs_no_failure_action(
     clean(bridge)
 
 
+@pytest.mark.timeout(scaled_timeout(120))  # about 50 messages a second: 3 min at scale 10
 @pytest.mark.parametrize(
     ("count", "outage", "case"),
     [

@@ -128,6 +128,6 @@ def test_recipients_are_not_held_for_a_policy_without_the_envelope() -> None:
         mta.send(cmd.Rcpt(f"<r{n}@example.test>".encode()))
     # Every recipient still reached the policy as an event; none was kept.
     assert [e for e in mta.events() if e == "rcpt_to"] == ["rcpt_to"] * 5
-    assert session._recipients == []
+    assert session.message.recipients == []
     mta.send(*h.eom())
     assert not mta.last().end_of_message.HasField("envelope")

@@ -27,6 +27,9 @@ an answer is pending with ``policy_failure`` set (the connection answers it
 with the stage's failure action at once), and the next message opens a new
 stream that begins with `start`.
 
+The message being assembled is one ``message.Message``, replaced at each
+reset (MAIL FROM, the answer to end of message, ABORT, a new SMTP session).
+
 On a shared stream (``replays`` > 0) a stream that broke because its replica
 went away is not a failure yet: ``replay()`` gives the conversation again on
 a new stream (journal.py), the answered events as decided; only when it
@@ -39,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
-from google.protobuf.message import Message
+from google.protobuf.message import Message as ProtoMessage
 
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import constants as c
@@ -50,6 +53,7 @@ from milter_bridge.protocol.errors import InvalidAnswer, ProtocolError
 from milter_bridge.session import answers, events
 from milter_bridge.session.journal import Journal
 from milter_bridge.session.macros import MacroStore
+from milter_bridge.session.message import Limits, Message
 from milter_bridge.session.negotiation import Negotiation, negotiate
 from milter_bridge.session.plan import Body, Mode, Plan, Stage
 from milter_bridge.session.states import (
@@ -179,11 +183,13 @@ class Session:
         self._replays = 0
         # Memory per connection: a buffered body and the headers collected for the
         # policy are cut at these sizes (the policy is told: *_truncated).
-        self.body_limit = min(plan.body_limit, max_body_buffer)
-        self.max_header_buffer = max_header_buffer
-        self.max_headers = max_headers
-        self.max_recipients = max_recipients
-        self.max_recipient_buffer = max_recipient_buffer
+        self.limits = Limits(
+            max_headers=max_headers,
+            max_header_buffer=max_header_buffer,
+            max_recipients=max_recipients,
+            max_recipient_buffer=max_recipient_buffer,
+            body_limit=min(plan.body_limit, max_body_buffer),
+        )
         self.connection_id = connection_id
         self.decoder = CommandDecoder(max_packet_size)
         self.negotiation: Negotiation | None = None
@@ -195,7 +201,6 @@ class Session:
         self._skippable = _skippable(plan)
         self.stream = 0  # the open policy stream (numbered from 1); 0: none
         self.failed_stream = 0  # the last stream that failed
-        self._failure: tuple[str, str] | None = None  # the policy failed on this message
         self._streams = 0
         self._sequence = 0
         self._reset_session()
@@ -287,8 +292,8 @@ class Session:
             if stream != self.stream:
                 return  # an earlier stream, ended before this message began
             self.stream = 0
-        if self._failure is None:
-            self._failure = (reason, cause)
+        if self._message.failure is None:
+            self._message.failure = (reason, cause)
 
     def replay(self, stream: int) -> list[Output]:
         """Shared stream ``stream`` broke because its replica went away (the statuses
@@ -299,7 +304,7 @@ class Session:
         if (
             journal is None
             or stream != self.stream
-            or self._failure is not None
+            or self._message.failure is not None
             or self._replays >= self._max_replays
             or not journal.complete
         ):
@@ -308,6 +313,11 @@ class Session:
         self._streams += 1
         self.stream = self._streams
         return [SendToPolicy(req, self.stream, st) for req, st in journal.replay(self._replays)]
+
+    @property
+    def message(self) -> Message:
+        """The message being assembled (message.py); a new one after each reset."""
+        return self._message
 
     @property
     def replayed(self) -> int:
@@ -319,7 +329,7 @@ class Session:
         """(reason, cause) when the policy is not asked for the rest of this message."""
         if not self.plan.available:
             return ("no policy capabilities known", "unreachable")
-        return self._failure
+        return self._message.failure
 
     def connection_lost(self) -> list[Output]:
         """The MTA closed the connection."""
@@ -359,25 +369,12 @@ class Session:
     def _reset_message(self) -> None:
         if self._journal is not None:
             self._journal.message_over()
-        self._failure = None
-        self._message_done = False
-        self._message_seen = False
-        self._skip_body = False
-        self._mail: pb.MailFrom | None = None
-        self._recipients: list[pb.RcptTo] = []  # held only for EndOfMessage.envelope
-        self._recipient_bytes = 0
-        self._recipients_truncated = False
-        self._holds_last_recipient = False
-        self._headers: list[pb.Header] = []
-        self._header_bytes = 0
-        self._headers_truncated = False
-        self._body = bytearray()
-        self._body_size = 0
+        self._message = Message()
 
     def _mode(self, stage: Stage) -> Mode:
-        if self._session_accepted or (self._message_done and stage in _MESSAGE_STAGES):
+        if self._session_accepted or (self._message.done and stage in _MESSAGE_STAGES):
             return Mode.SKIP
-        if stage is Stage.BODY and self._skip_body:
+        if stage is Stage.BODY and self._message.skip_body:
             return Mode.SKIP
         return self._negotiated().modes[stage]
 
@@ -421,28 +418,31 @@ class Session:
             case cmd.Mail():
                 self.macros.entered(MacroStage.SMFIM_ENVFROM)
                 self._reset_message()
-                self._mail = events.mail_from(command)
-                return self._event(Stage.MAIL, command, "mail_from", self._mail)
+                self._message.mail = events.mail_from(command)
+                return self._event(Stage.MAIL, command, "mail_from", self._message.mail)
             case cmd.Rcpt():
                 self.macros.entered(MacroStage.SMFIM_ENVRCPT)
                 rejected = self._negotiated().negotiated.rejected_recipients and (
                     self.macros.value(MacroStage.SMFIM_ENVRCPT, "rcpt_mailer") == "error"
                 )
                 rcpt = events.rcpt_to(command, rejected=rejected)
-                self._hold_recipient(rcpt, len(command.payload()))
+                self._message.holds_last_recipient = False
+                if self.plan.eom_envelope:  # held only for EndOfMessage.envelope
+                    self._message.add_recipient(rcpt, len(command.payload()), self.limits)
                 return self._event(Stage.RCPT, command, "rcpt_to", rcpt)
             case cmd.Data():
                 return self._event(Stage.DATA, command, "data", pb.Data())
             case cmd.Header():
                 header = events.header(command)
                 if self.plan.eom_headers or self.plan.header_batch:
-                    self._collect_header(header, len(command.name) + len(command.value))
+                    size = len(command.name) + len(command.value)
+                    self._message.add_header(header, size, self.limits)
                 return self._event(Stage.HEADER, command, "header", header)
             case cmd.EndOfHeaders():
                 eoh = pb.EndOfHeaders()
                 if self.plan.header_batch:
-                    eoh.headers.extend(self._headers)
-                    eoh.headers_truncated = self._headers_truncated
+                    eoh.headers.extend(self._message.headers)
+                    eoh.headers_truncated = self._message.headers_truncated
                 return self._event(Stage.EOH, command, "end_of_headers", eoh)
             case cmd.Body():
                 return self._body_chunk(command, command.chunk)
@@ -472,67 +472,39 @@ class Session:
     def _body_chunk(
         self, command: cmd.MtaCommand, chunk: bytes, *, answer: bool = True
     ) -> list[Output]:
-        self._body_size += len(chunk)
-        if self.plan.body is Body.BUFFERED:
-            room = self.body_limit - len(self._body)
-            self._body += chunk[: max(room, 0)]
+        self._message.add_body(chunk, self.limits, buffered=self.plan.body is Body.BUFFERED)
         if not answer:
             if self._mode(Stage.BODY) is Mode.SKIP:
                 return []
             return self._send(Stage.BODY, pb.BodyChunk(data=chunk), "body_chunk", {}, decide=False)
         return self._event(Stage.BODY, command, "body_chunk", pb.BodyChunk(data=chunk))
 
-    def _collect_header(self, header: pb.Header, size: int) -> None:
-        if (
-            self._headers_truncated
-            or self._header_bytes + size > self.max_header_buffer
-            or len(self._headers) >= self.max_headers
-        ):
-            self._headers_truncated = True
-            return
-        self._header_bytes += size
-        self._headers.append(header)
-
-    def _hold_recipient(self, rcpt: pb.RcptTo, size: int) -> None:
-        """Recipients are held only for a policy that gets the envelope at end of message."""
-        self._holds_last_recipient = False
-        if not self.plan.eom_envelope or self._recipients_truncated:
-            return
-        if (
-            self._recipient_bytes + size > self.max_recipient_buffer
-            or len(self._recipients) >= self.max_recipients
-        ):
-            self._recipients_truncated = True
-            return
-        self._recipient_bytes += size
-        self._recipients.append(rcpt)
-        self._holds_last_recipient = True
-
     def _end_of_message(self) -> pb.EndOfMessage:
-        eom = pb.EndOfMessage(body_size=self._body_size)
+        message = self._message
+        eom = pb.EndOfMessage(body_size=message.body_size)
         if self.plan.eom_envelope:
             envelope = eom.envelope
             if self._connect is not None:
                 envelope.connect.CopyFrom(self._connect)
             if self._helo is not None:
                 envelope.helo.CopyFrom(self._helo)
-            if self._mail is not None:
-                envelope.mail_from.CopyFrom(self._mail)
-            envelope.recipients.extend(self._recipients)
-            envelope.recipients_truncated = self._recipients_truncated
+            if message.mail is not None:
+                envelope.mail_from.CopyFrom(message.mail)
+            envelope.recipients.extend(message.recipients)
+            envelope.recipients_truncated = message.recipients_truncated
             for name, stage in _ENVELOPE_MACROS.items():
                 envelope.macros[name].values.update(self.macros.of(stage))
         if self.plan.eom_headers:
-            eom.headers.extend(self._headers)
-            eom.headers_truncated = self._headers_truncated
+            eom.headers.extend(message.headers)
+            eom.headers_truncated = message.headers_truncated
         if self.plan.body is Body.BUFFERED:
-            eom.body = bytes(self._body)
-            eom.body_truncated = self._body_size > len(self._body)
+            eom.body = bytes(message.body)
+            eom.body_truncated = message.body_size > len(message.body)
         return eom
 
     def _abort_message(self) -> list[Output]:
         out: list[Output] = []
-        if self._message_seen and self._mode(Stage.ABORT) is not Mode.SKIP and self.stream:
+        if self._message.seen and self._mode(Stage.ABORT) is not Mode.SKIP and self.stream:
             out = self._send(Stage.ABORT, pb.Abort(), "abort", {}, decide=False)
         self._reset_message()
         return out
@@ -540,7 +512,7 @@ class Session:
     # -- events to the policy ------------------------------------------------
 
     def _event(
-        self, stage: Stage, command: cmd.MtaCommand, field: str, message: Message
+        self, stage: Stage, command: cmd.MtaCommand, field: str, message: ProtoMessage
     ) -> list[Output]:
         mode = self._mode(stage)
         out: list[Output] = []
@@ -558,7 +530,13 @@ class Session:
         return out
 
     def _send(
-        self, stage: Stage, message: Message, field: str, macros: dict[str, str], *, decide: bool
+        self,
+        stage: Stage,
+        message: ProtoMessage,
+        field: str,
+        macros: dict[str, str],
+        *,
+        decide: bool,
     ) -> list[Output]:
         if self.policy_failure is not None:
             return []  # the policy failed on this message: it sees no more of it
@@ -582,7 +560,7 @@ class Session:
         self._sequence += 1
         in_message = stage in _MESSAGE_STAGES or stage is Stage.ABORT
         if in_message:
-            self._message_seen = True
+            self._message.seen = True
         request = pb.ProcessRequest(sequence=self._sequence, reply_expected=decide, macros=macros)
         getattr(request, field).CopyFrom(message)
         out.append(SendToPolicy(request, self.stream, stage))
@@ -606,9 +584,8 @@ class Session:
         if p.stage is Stage.EOM:
             self._reset_message()
         refused = action in (pb.ACTION_REJECT, pb.ACTION_TEMPFAIL)
-        if p.stage is Stage.RCPT and refused and self._holds_last_recipient:
-            self._recipients.pop()  # refused: not a recipient of this message
-            self._holds_last_recipient = False
+        if p.stage is Stage.RCPT and refused:
+            self._message.refuse_last_recipient()
         # engine.c: after ACCEPT, and after REJECT/TEMPFAIL/DISCARD of any command but
         # RCPT and UNKNOWN, the state falls back to HELO.
         ends = action == pb.ACTION_ACCEPT or (
@@ -621,9 +598,9 @@ class Session:
             self._session_accepted = True
         elif (ends or action == pb.ACTION_DISCARD) and p.stage in _MESSAGE_STAGES - {Stage.EOM}:
             # The policy has decided this message; it sees no more of it.
-            self._message_done = True
+            self._message.done = True
         elif action == pb.ACTION_SKIP:
-            self._skip_body = True
+            self._message.skip_body = True
         while self._queue and self.pending is None and not self.finished:
             out += self._handle(self._queue.popleft())
         return out
