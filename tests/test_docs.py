@@ -37,8 +37,8 @@ from milter_bridge.session import (
     Session,
     Stage,
 )
-from milter_bridge.session.negotiation import NO_FLAG
 from milter_bridge.session.plan import macro_wire_name
+from milter_bridge.session.stages import NO_FLAG
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.session.harness import OFFER_V6
 

@@ -25,8 +25,9 @@ from milter_bridge.load import command as load_command
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
 from milter_bridge.server.bridge import StartError, serve
-from milter_bridge.session.negotiation import NO_FLAG, negotiate
-from milter_bridge.session.plan import InvalidCapabilitiesError, Mode, Plan, Stage
+from milter_bridge.session.negotiation import negotiate
+from milter_bridge.session.plan import InvalidCapabilitiesError, Plan
+from milter_bridge.session.stages import NO_FLAG, Mode, Stage
 from milter_bridge.settings import SETTINGS, Loaded, load
 from milter_bridge.v1 import policy_pb2 as pb
 

@@ -15,7 +15,8 @@ from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
 from milter_bridge.session import Mode, Plan, Stage
-from milter_bridge.session.negotiation import NO_FLAG, NR_FLAG, negotiate
+from milter_bridge.session.negotiation import negotiate
+from milter_bridge.session.stages import NO_FLAG, NR_FLAG
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.session.harness import Mta
 

@@ -19,8 +19,9 @@ from milter_bridge.protocol import FrameDecoder, decode_reply, encode
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
 from milter_bridge.session import Output, Plan, ProgressToMta, SendToMta, Session, Stage
-from milter_bridge.session.negotiation import NO_FLAG, NR_FLAG, symbol_lists
-from milter_bridge.session.plan import MACRO_STAGES, flags_to_actions
+from milter_bridge.session.negotiation import symbol_lists
+from milter_bridge.session.plan import flags_to_actions
+from milter_bridge.session.stages import MACRO_STAGES, NO_FLAG, NR_FLAG
 from milter_bridge.v1 import policy_pb2 as pb
 from tests.captured import Capture, all_captures
 

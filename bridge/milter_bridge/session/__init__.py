@@ -13,7 +13,8 @@ from milter_bridge.session.machine import (
     SendToPolicy,
     Session,
 )
-from milter_bridge.session.plan import InvalidCapabilitiesError, Mode, Plan, Stage
+from milter_bridge.session.plan import InvalidCapabilitiesError, Plan
+from milter_bridge.session.stages import Mode, Stage
 
 __all__ = [
     "EndPolicyStream",

@@ -28,7 +28,8 @@ import re
 from milter_bridge.protocol import replies as r
 from milter_bridge.protocol.constants import MILTER_CHUNK_SIZE, ActionFlag
 from milter_bridge.protocol.errors import InvalidAnswer, InvalidModification, quoted
-from milter_bridge.session.plan import Stage, enum_name
+from milter_bridge.session.plan import enum_name
+from milter_bridge.session.stages import NO_DISCARD, Stage
 from milter_bridge.v1 import policy_pb2 as pb
 
 MAX_REPLY_LINES = 32  # libmilter MAXREPLIES
@@ -44,8 +45,6 @@ _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # printable ASCII without '
 _FOLD = re.compile(rb"\r?\n(?![ \t])|\r(?!\n)")
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _EMPTY_FOLD = re.compile(rb"\n[ \t]*(\n|$)")
-
-_NO_DISCARD = frozenset({Stage.CONNECT, Stage.HELO, Stage.UNKNOWN})
 
 
 def _fail(stage: Stage, problem: str) -> InvalidAnswer:
@@ -105,7 +104,7 @@ def verdict_replies(stage: Stage, verdict: pb.Verdict, *, skip: bool) -> list[r.
             return [r.ReplyCode(format_reply(stage, verdict.reply, klass))]
         return [r.Reject() if klass == "5" else r.TempFail()]
     if action == pb.ACTION_DISCARD:
-        if stage in _NO_DISCARD:
+        if stage in NO_DISCARD:
             raise _fail(stage, "DISCARD is only valid from mail_from on")
         return [r.Discard()]
     if action == pb.ACTION_SKIP:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from milter_bridge.session.plan import Stage
+from milter_bridge.session.stages import Stage
 from milter_bridge.v1 import policy_pb2 as pb
 
 JOURNAL_LIMIT = 1 << 20

@@ -55,7 +55,15 @@ from milter_bridge.session.journal import Journal
 from milter_bridge.session.macros import MacroStore
 from milter_bridge.session.message import Limits, Message
 from milter_bridge.session.negotiation import Negotiation, negotiate
-from milter_bridge.session.plan import Body, Mode, Plan, Stage
+from milter_bridge.session.plan import Body, Plan
+from milter_bridge.session.stages import (
+    ENVELOPE_MACROS,
+    MESSAGE_STAGES,
+    ROW,
+    STATE_OF_STAGE,
+    Mode,
+    Stage,
+)
 from milter_bridge.session.states import (
     KEEPS_STATE_ON_REJECT,
     STATE_OF,
@@ -75,29 +83,6 @@ DEFAULT_MAX_RECIPIENT_BUFFER = 1 << 20
 # own timeout); more than this many means it does not wait at all.
 MAX_QUEUED_COMMANDS = 16
 
-_STATE_OF_STAGE = {
-    Stage.CONNECT: State.CONN,
-    Stage.HELO: State.HELO,
-    Stage.MAIL: State.MAIL,
-    Stage.RCPT: State.RCPT,
-    Stage.DATA: State.DATA,
-    Stage.HEADER: State.HDRS,
-    Stage.EOH: State.EOHS,
-    Stage.BODY: State.BODY,
-    Stage.UNKNOWN: State.UNKN,
-}
-_MESSAGE_STAGES = frozenset(
-    {Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.HEADER, Stage.EOH, Stage.BODY, Stage.EOM}
-)
-_ENVELOPE_MACROS = {
-    "connect": MacroStage.SMFIM_CONNECT,
-    "helo": MacroStage.SMFIM_HELO,
-    "mail_from": MacroStage.SMFIM_ENVFROM,
-    "rcpt_to": MacroStage.SMFIM_ENVRCPT,
-    "data": MacroStage.SMFIM_DATA,
-    "end_of_headers": MacroStage.SMFIM_EOH,
-}
-
 
 def _skippable(plan: Plan) -> frozenset[State]:
     """The states the MTA may skip: those of events the plan does not need (once per plan)."""
@@ -105,7 +90,7 @@ def _skippable(plan: Plan) -> frozenset[State]:
     if isinstance(found, frozenset):
         return found
     skippable = frozenset(
-        st for stage, st in _STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
+        st for stage, st in STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
     )
     plan.derived["skippable"] = skippable
     return skippable
@@ -372,7 +357,7 @@ class Session:
         self._message = Message()
 
     def _mode(self, stage: Stage) -> Mode:
-        if self._session_accepted or (self._message.done and stage in _MESSAGE_STAGES):
+        if self._session_accepted or (self._message.done and stage in MESSAGE_STAGES):
             return Mode.SKIP
         if stage is Stage.BODY and self._message.skip_body:
             return Mode.SKIP
@@ -492,7 +477,7 @@ class Session:
                 envelope.mail_from.CopyFrom(message.mail)
             envelope.recipients.extend(message.recipients)
             envelope.recipients_truncated = message.recipients_truncated
-            for name, stage in _ENVELOPE_MACROS.items():
+            for name, stage in ENVELOPE_MACROS.items():
                 envelope.macros[name].values.update(self.macros.of(stage))
         if self.plan.eom_headers:
             eom.headers.extend(message.headers)
@@ -558,7 +543,7 @@ class Session:
             if self._max_replays:
                 self._journal, self._replays = Journal(request), 0
         self._sequence += 1
-        in_message = stage in _MESSAGE_STAGES or stage is Stage.ABORT
+        in_message = ROW[stage].in_message
         if in_message:
             self._message.seen = True
         request = pb.ProcessRequest(sequence=self._sequence, reply_expected=decide, macros=macros)
@@ -596,7 +581,7 @@ class Session:
             self.state = State.HELO
         if action == pb.ACTION_ACCEPT and p.stage in (Stage.CONNECT, Stage.HELO):
             self._session_accepted = True
-        elif (ends or action == pb.ACTION_DISCARD) and p.stage in _MESSAGE_STAGES - {Stage.EOM}:
+        elif (ends or action == pb.ACTION_DISCARD) and p.stage in MESSAGE_STAGES - {Stage.EOM}:
             # The policy has decided this message; it sees no more of it.
             self._message.done = True
         elif action == pb.ACTION_SKIP:

@@ -24,36 +24,14 @@ from milter_bridge.protocol.constants import (
 )
 from milter_bridge.protocol.errors import MalformedPacket
 from milter_bridge.protocol.replies import OptionNegotiationReply
-from milter_bridge.session.plan import Mode, Plan, Stage, flags_to_actions
+from milter_bridge.session.plan import Plan, flags_to_actions
+from milter_bridge.session.stages import FIRST_VERSION, NO_FLAG, NR_FLAG, Mode, Stage
 from milter_bridge.v1 import policy_pb2 as pb
 
 P = ProtocolFlag
 
-# Per stage: the flag that stops the MTA sending it, and the flag that stops it waiting.
-NO_FLAG: dict[Stage, ProtocolFlag] = {
-    Stage.CONNECT: P.SMFIP_NOCONNECT,
-    Stage.HELO: P.SMFIP_NOHELO,
-    Stage.MAIL: P.SMFIP_NOMAIL,
-    Stage.RCPT: P.SMFIP_NORCPT,
-    Stage.DATA: P.SMFIP_NODATA,
-    Stage.HEADER: P.SMFIP_NOHDRS,
-    Stage.EOH: P.SMFIP_NOEOH,
-    Stage.BODY: P.SMFIP_NOBODY,
-    Stage.UNKNOWN: P.SMFIP_NOUNKNOWN,
-}
-NR_FLAG: dict[Stage, ProtocolFlag] = {
-    Stage.CONNECT: P.SMFIP_NR_CONN,
-    Stage.HELO: P.SMFIP_NR_HELO,
-    Stage.MAIL: P.SMFIP_NR_MAIL,
-    Stage.RCPT: P.SMFIP_NR_RCPT,
-    Stage.DATA: P.SMFIP_NR_DATA,
-    Stage.HEADER: P.SMFIP_NR_HDR,
-    Stage.EOH: P.SMFIP_NR_EOH,
-    Stage.BODY: P.SMFIP_NR_BODY,
-    Stage.UNKNOWN: P.SMFIP_NR_UNKN,
-}
-# Events older protocol versions do not have.
-FIRST_VERSION: dict[Stage, int] = {Stage.UNKNOWN: 3, Stage.DATA: 4}
+# Per stage, from stages.py: the flag that stops the MTA sending it, the flag that
+# stops it waiting, and the first protocol version that has it.
 
 # Sendmail 8.14-8.18 picks a milter's end-of-message macro list by the flag of
 # its end-of-headers list (milter.c, milter_data(): ``if ((m->mf_lflags &

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from milter_bridge.protocol.constants import ActionFlag, MacroStage
+from milter_bridge.session.stages import MACRO_STAGES, Mode, Stage
 from milter_bridge.v1 import policy_pb2 as pb
 
 if TYPE_CHECKING:
@@ -34,30 +35,6 @@ class InvalidCapabilitiesError(ValueError):
     """A policy's Capabilities cannot be used; the message names the field."""
 
 
-class Stage(Enum):
-    """The events of an SMTP session, as the policy sees them."""
-
-    CONNECT = "connect"
-    HELO = "helo"
-    MAIL = "mail_from"
-    RCPT = "rcpt_to"
-    DATA = "data"
-    HEADER = "header"
-    EOH = "end_of_headers"
-    BODY = "body"
-    EOM = "end_of_message"
-    UNKNOWN = "unknown"
-    ABORT = "abort"
-
-
-class Mode(Enum):
-    """How the policy takes part in an event (EventMode without UNSPECIFIED)."""
-
-    SKIP = pb.EVENT_MODE_SKIP
-    OBSERVE = pb.EVENT_MODE_OBSERVE
-    DECIDE = pb.EVENT_MODE_DECIDE
-
-
 class Body(Enum):
     NONE = pb.BODY_DELIVERY_NONE
     STREAM = pb.BODY_DELIVERY_STREAM
@@ -74,17 +51,6 @@ ACTION_FLAGS: dict[str, ActionFlag] = {
     "delete_recipient": ActionFlag.SMFIF_DELRCPT,
     "change_sender": ActionFlag.SMFIF_CHGFROM,
     "quarantine": ActionFlag.SMFIF_QUARANTINE,
-}
-
-# MacroRequest fields -> the OPTNEG macro list stage.
-MACRO_STAGES: dict[str, MacroStage] = {
-    "connect": MacroStage.SMFIM_CONNECT,
-    "helo": MacroStage.SMFIM_HELO,
-    "mail_from": MacroStage.SMFIM_ENVFROM,
-    "rcpt_to": MacroStage.SMFIM_ENVRCPT,
-    "data": MacroStage.SMFIM_DATA,
-    "end_of_headers": MacroStage.SMFIM_EOH,
-    "end_of_message": MacroStage.SMFIM_EOM,
 }
 
 
