@@ -221,7 +221,9 @@ class MtaConnection:
                     self._metrics.progress_sent.inc()
                     to_mta += output.data
             elif isinstance(output, EndPolicyStream) and output.stream == self._stream_id:
-                if self._stream is not None:
+                if isinstance(self._stream, SharedSession):
+                    self._stream.end()
+                elif self._stream is not None:
                     task = asyncio.create_task(self._stream.close(), name="stream-close")
                     self._closing.add(task)
                     task.add_done_callback(self._closing.discard)

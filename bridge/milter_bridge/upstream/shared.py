@@ -163,7 +163,13 @@ class SharedSession:
         self._stream.end(self.key, reason)
 
     async def close(self) -> None:
-        """The SMTP session is over: the policy forgets it."""
+        """The SMTP session is over: the policy forgets it (``end``, awaitable as
+        PolicyStream's)."""
+        self.end()
+
+    def end(self) -> None:
+        """The SMTP session is over: its end is queued for the stream's writer; nothing
+        to wait for, so the connection needs no task for it."""
         if not self._over:
             self._end("quit")
 
