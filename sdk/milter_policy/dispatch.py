@@ -66,6 +66,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         """The stream ended: the close handler, if any."""
+        self.ctx.decided = None
         await self._call(0, "close", ())
 
     def _prepare(  # noqa: PLR0911 - one branch per event

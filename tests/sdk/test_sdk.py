@@ -25,7 +25,7 @@ P = ProtocolFlag
 
 
 @contextlib.asynccontextmanager
-async def bridged(policy: Policy, **settings: int) -> AsyncIterator[Bridge]:
+async def bridged(policy: Policy, **settings: float) -> AsyncIterator[Bridge]:
     server = PolicyServer(policy, "127.0.0.1:0")
     await server.start()
     listen = Listen(ListenKind.INET, host="127.0.0.1", port=0)

@@ -179,6 +179,32 @@ async def test_through_the_bridge_on_shared_streams() -> None:
         assert bridge.metrics.streams._value.get() == 0  # no Process stream
 
 
+async def test_progress_while_a_shared_session_waits_at_end_of_message() -> None:
+    """The bridge keeps an MTA that waits for end of message alive with SMFIR_PROGRESS on
+    a shared stream too (Sendmail gives up on a milter silent for 10 s): two of its own
+    keep-alives arrive while the policy's handler waits, then the verdict."""
+    release = asyncio.Event()
+    policy = Policy("slow-eom")
+
+    @policy.end_of_message
+    async def slow(ctx: Context) -> None:
+        await release.wait()
+        ctx.accept()
+
+    async with bridged(policy, policy_streams=1, progress_interval=0.05) as bridge:
+        client = await mta(bridge)
+        await client.send(*h.connect(), *h.mail(), *h.rcpt(), *h.eom())
+        async with asyncio.timeout(10):  # without keep-alives it would wait for ever
+            for _ in range(2):
+                assert await client.reader.readexactly(5) == b"\0\0\0\1p"
+        release.set()
+        replies = await client.reply()
+        assert replies[-1] == r.Accept()
+        assert all(x == r.Progress() for x in replies[:-1])
+        await client.close()
+        assert bridge.metrics.streams._value.get() == 0  # no Process stream: a shared one
+
+
 async def test_a_replay_rebuilds_state_and_answers_only_what_awaits_an_answer() -> None:
     """A session replayed on a new stream (StreamStart.attempt 1): the events already
     decided run their handlers again with ctx.decided, and get no answer; the one that

@@ -139,3 +139,21 @@ def test_no_replay(why: str) -> None:
     if why == "stale stream":
         stream -= 1
     assert mta.session.replay(stream) == []
+
+
+def test_an_unknown_command_inside_an_oversized_message_is_kept_for_later_replays() -> None:
+    """The session's own events are kept while they alone fit: an UNKNOWN that arrives
+    while a message is past the limit (here by its recipients) still counts, and once that
+    message is over the conversation (with the UNKNOWN) can be replayed again."""
+    caps = capabilities(OBSERVE, end_of_message=DECIDE, unknown=OBSERVE)
+    mta = shared(caps)
+    mta.send(*connect(), *helo(), *mail())
+    long = b"x" * 6000
+    for n in range(JOURNAL_LIMIT // len(long) + 1):
+        mta.send(cmd.Rcpt(b"<%d%s@example.test>" % (n, long)))
+    mta.send(cmd.Unknown(b"XFOO bar"), *content(), *eom())
+    assert mta.replay() == []
+    mta.answer(pb.ProcessResponse(sequence=mta.pending_sequence(), end_of_message=EOM_CONTINUE))
+    mta.send(*mail())
+    events = [q.WhichOneof("event") for q in mta.replay()]
+    assert events == ["start", "connect", "helo", "unknown", "mail_from"]

@@ -242,7 +242,10 @@ class MtaConnection:
             # The session's first request of a new stream is its `start`.
             self._stream_id = output.stream
             if self._shared is not None and self._shares(session.plan):
-                self._stream = self._shared.open_session(self._left_replica)
+                self._stream = self._shared.open_session(
+                    self._left_replica, self._keep_mta_waiting, self._progress_gap
+                )
+                self._left_replica = None  # only the replayed conversation avoids it
             else:
                 self._stream = PolicyStream(
                     self._process,

@@ -28,7 +28,6 @@ MAX_REPLAYS = 2
 class _Entry:
     request: pb.ProcessRequest
     stage: Stage
-    size: int
     in_message: bool
     decided: pb.Verdict | None = None
 
@@ -39,28 +38,31 @@ class Journal:
         self._limit = limit
         self._entries: list[_Entry] = []
         self._last: _Entry | None = None
-        self._bytes = 0  # of every request of the conversation kept or not
-        self._message_bytes = 0
+        self._session_bytes = 0  # of the session's own requests (connect, helo, unknown)
+        self._message_bytes = 0  # of the current message's, kept or not
         self._lost = False  # a request of the session itself was not kept: no replay
 
     @property
     def complete(self) -> bool:
         """Everything a replay needs is kept (within the limit)."""
-        return self._bytes <= self._limit and not self._lost
+        return self._session_bytes + self._message_bytes <= self._limit and not self._lost
 
     def add(self, request: pb.ProcessRequest, stage: Stage, *, in_message: bool) -> None:
-        # Past the limit nothing more is kept (no replay until the message ends), but
-        # the bytes are still counted so that it stays off.
+        # A message past the limit keeps nothing more (no replay until it ends), but its
+        # bytes are still counted so that it stays off. The session's own requests are
+        # kept while they alone fit: one past it turns replays off for the session.
         size = request.ByteSize()
-        self._bytes += size
+        entry = _Entry(request, stage, in_message)
         if in_message:
             self._message_bytes += size
-        self._last = None
-        if self.complete:
-            self._last = _Entry(request, stage, size, in_message)
-            self._entries.append(self._last)
-        elif not in_message:
-            self._lost = True
+            keep = self.complete
+        else:
+            self._session_bytes += size
+            keep = self._session_bytes <= self._limit
+            self._lost = self._lost or not keep
+        self._last = entry if keep else None
+        if keep:
+            self._entries.append(entry)
 
     def decided(self, verdict: pb.Verdict) -> None:
         """The last request added (the one that awaited an answer) got this verdict."""
@@ -70,7 +72,6 @@ class Journal:
     def message_over(self) -> None:
         if self._message_bytes:
             self._entries = [e for e in self._entries if not e.in_message]
-            self._bytes -= self._message_bytes
             self._message_bytes = 0
         self._last = None
 

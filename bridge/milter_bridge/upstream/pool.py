@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from milter_bridge.upstream.security import Metadata
 from milter_bridge.upstream.shared import SessionsMethod, SharedSession, SharedStream
+from milter_bridge.upstream.stream import Tick, no_tick
 
 STREAM_LIFETIME = 30.0
 MAX_REPLICAS_COUNTED = 1024
@@ -48,8 +49,11 @@ class SharedStreams:
         self._given: dict[str, int] = {}  # sessions given to each replica so far
         self.opened = 0  # streams opened in all
 
-    def open_session(self, avoid: str | None = None) -> SharedSession:
-        """A session on the best stream; ``avoid``: a replica a replayed session left."""
+    def open_session(
+        self, avoid: str | None = None, tick: Tick = no_tick, tick_every: float = 1.0
+    ) -> SharedSession:
+        """A session on the best stream; ``avoid``: a replica a replayed session left;
+        ``tick`` is called every ``tick_every`` seconds while the session waits."""
         streams = self._usable()
         load: dict[object, int] = {}
         for stream in (*streams, *self._retired):
@@ -64,7 +68,7 @@ class SharedStreams:
             if len(given) > MAX_REPLICAS_COUNTED:  # replicas come and go over months
                 given.clear()
             given[best.replica] = given.get(best.replica, 0) + 1
-        return best.open_session()
+        return best.open_session(tick, tick_every)
 
     def _usable(self) -> list[SharedStream]:
         now = asyncio.get_running_loop().time()

@@ -34,7 +34,14 @@ from google.protobuf.message import DecodeError
 from milter_bridge.upstream.first_status import StatusRecord
 from milter_bridge.upstream.security import Metadata
 from milter_bridge.upstream.status import classify
-from milter_bridge.upstream.stream import CALL_ERRORS, StreamFailure, failure_of, replica_of
+from milter_bridge.upstream.stream import (
+    CALL_ERRORS,
+    StreamFailure,
+    Tick,
+    failure_of,
+    no_tick,
+    replica_of,
+)
 from milter_bridge.v1 import policy_pb2 as pb
 
 MAX_BATCH_BYTES = 1 << 20
@@ -63,9 +70,15 @@ class SharedSession:
     replica went away that failure is ``replayable`` and the connection may
     replay the session on another stream (``Session.replay``)."""
 
-    def __init__(self, stream: SharedStream, key: int) -> None:
+    def __init__(
+        self, stream: SharedStream, key: int, tick: Tick = no_tick, tick_every: float = 1.0
+    ) -> None:
         self._stream = stream
         self.key = key
+        # Called every ``tick_every`` seconds while receive() waits: the connection keeps
+        # an MTA that waits for end of message alive with SMFIR_PROGRESS (as on Process).
+        self._tick = tick
+        self._tick_every = tick_every
         # Answers not taken yet, and the receive() waiting for one (no task, no Queue:
         # this is once per message).
         self._answers: collections.deque[pb.ProcessResponse | StreamFailure] = collections.deque()
@@ -105,12 +118,17 @@ class SharedSession:
 
     async def receive(self, until: float) -> pb.ProcessResponse:
         """The next answer, by loop time ``until``; raises TimeoutError or StreamFailure."""
-        if not self._answers:
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        while not self._answers:
             self._waiter = loop.create_future()
+            step = min(until, loop.time() + self._tick_every)
             try:
-                async with asyncio.timeout_at(until):
+                async with asyncio.timeout_at(step):
                     await self._waiter
+            except TimeoutError:
+                if loop.time() >= until:
+                    raise
+                await self._tick()
             finally:
                 self._waiter = None
         item = self._answers.popleft()
@@ -222,8 +240,8 @@ class SharedStream:
         """Takes no new sessions: broken, draining, or retired by the pool."""
         return self._retired or self.broken is not None
 
-    def open_session(self) -> SharedSession:
-        session = SharedSession(self, next(self._keys))
+    def open_session(self, tick: Tick = no_tick, tick_every: float = 1.0) -> SharedSession:
+        session = SharedSession(self, next(self._keys), tick, tick_every)
         self._sessions[session.key] = session
         if self.replica is None:
             self._uncounted += 1
@@ -239,6 +257,7 @@ class SharedStream:
 
     def _close_when_empty(self) -> None:
         if self._retired and not self._sessions and not self._closing:
+            self._closing = True  # one close() only, however often this is asked
             asyncio.ensure_future(self.close()).add_done_callback(self._closed)
 
     def _closed(self, _: object) -> None:

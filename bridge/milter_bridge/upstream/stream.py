@@ -110,7 +110,7 @@ def _with_attempt(start: pb.ProcessRequest, attempt: int) -> pb.ProcessRequest:
     return copy
 
 
-async def _no_tick() -> None:
+async def no_tick() -> None:
     return None
 
 
@@ -122,7 +122,7 @@ class PolicyStream:
         on_retry: Callable[[], object] | None = None,
         metadata: Callable[[], Metadata] = no_metadata,
         on_replica: Callable[[str], object] | None = None,
-        tick: Tick = _no_tick,
+        tick: Tick = no_tick,
         tick_every: float = 1.0,
     ) -> None:
         self._process = process

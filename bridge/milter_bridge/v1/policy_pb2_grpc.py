@@ -46,7 +46,8 @@ class PolicyServiceStub:
     3. Each further ProcessRequest carries one event (connect, helo, mail_from,
     rcpt_to, data, header, end_of_headers, body_chunk, end_of_message,
     unknown, abort) with a `sequence` number one higher than the previous
-    request's, and the macros the MTA sent for that stage.
+    request's (only a replay on a shared stream may skip numbers: see
+    StreamStart.attempt), and the macros the MTA sent for that stage.
     4. When `reply_expected` is true (the event's mode is DECIDE) the policy
     sends exactly one final ProcessResponse naming that `sequence`: a
     `verdict`, or, for end_of_message, an `end_of_message` answer holding
@@ -105,7 +106,8 @@ class PolicyServiceServicer:
     3. Each further ProcessRequest carries one event (connect, helo, mail_from,
     rcpt_to, data, header, end_of_headers, body_chunk, end_of_message,
     unknown, abort) with a `sequence` number one higher than the previous
-    request's, and the macros the MTA sent for that stage.
+    request's (only a replay on a shared stream may skip numbers: see
+    StreamStart.attempt), and the macros the MTA sent for that stage.
     4. When `reply_expected` is true (the event's mode is DECIDE) the policy
     sends exactly one final ProcessResponse naming that `sequence`: a
     `verdict`, or, for end_of_message, an `end_of_message` answer holding
@@ -186,7 +188,8 @@ class PolicyService:
     3. Each further ProcessRequest carries one event (connect, helo, mail_from,
     rcpt_to, data, header, end_of_headers, body_chunk, end_of_message,
     unknown, abort) with a `sequence` number one higher than the previous
-    request's, and the macros the MTA sent for that stage.
+    request's (only a replay on a shared stream may skip numbers: see
+    StreamStart.attempt), and the macros the MTA sent for that stage.
     4. When `reply_expected` is true (the event's mode is DECIDE) the policy
     sends exactly one final ProcessResponse naming that `sequence`: a
     `verdict`, or, for end_of_message, an `end_of_message` answer holding
