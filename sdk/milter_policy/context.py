@@ -7,11 +7,14 @@ end-of-message handler and go out in call order before the verdict.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from milter_bridge.v1 import policy_pb2 as pb
+
+log = logging.getLogger("milter_policy")
 
 __all__ = ["Client", "Context", "Envelope", "PolicyUsageError"]
 
@@ -53,6 +56,23 @@ _FAMILY: dict[int, str] = {
 }
 
 
+# Modification -> the Actions fields of which the MTA must have granted one (libmilter:
+# smfi_addheader and smfi_insheader need SMFIF_ADDHDRS, smfi_chgheader SMFIF_CHGHDRS, ...).
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "add_header": ("add_header",),
+    "insert_header": ("add_header",),
+    "change_header": ("change_header",),
+    "delete_header": ("change_header",),
+    "add_recipient": ("add_recipient", "add_recipient_with_args"),
+    "add_recipient_with_args": ("add_recipient_with_args",),
+    "delete_recipient": ("delete_recipient",),
+    "replace_body": ("replace_body",),
+    "set_sender": ("change_sender",),
+    "quarantine": ("quarantine",),
+}
+_warned: set[str] = set()  # modifications refused for want of a grant, logged once each
+
+
 class Context:
     """A connection's state and the actions for the event being handled."""
 
@@ -86,6 +106,8 @@ class Context:
         self._verdict: pb.Verdict | None = None
         self._modifications: list[pb.Modification] = []
         self._send_progress: Callable[[], object] | None = None
+        # What the MTA granted (StreamStart.negotiated.actions); None: not known, all allowed.
+        self._granted: pb.Actions | None = None
 
     # -- what is known ---------------------------------------------------------
 
@@ -189,49 +211,71 @@ class Context:
             msg = f"{what}() is only valid in the end_of_message handler, not {where}"
             raise PolicyUsageError(msg)
 
-    def _modify(self, what: str, **modification: Any) -> None:
+    def granted(self, modification: str) -> bool:
+        """Whether the MTA granted ``modification`` (a method name below, or
+        ``add_recipient_with_args``). An MTA grants what the policy asked for in its
+        actions, unless it cannot: Sendmail's milter ``F=`` flags or an old MTA may not."""
+        granted = self._granted
+        if granted is None:
+            return True
+        return any(getattr(granted, field) for field in _NEEDS[modification])
+
+    def _modify(self, what: str, needs: str, **modification: Any) -> bool:
+        """Queue a modification; False, as libmilter's MI_FAILURE, when the MTA did not
+        grant it (sending it would make the bridge refuse the whole answer)."""
         self._only_at_eom(what)
+        if not self.granted(needs):
+            if needs not in _warned:
+                _warned.add(needs)
+                log.warning("the MTA did not grant %s: %s() does nothing", needs, what)
+            return False
         self._modifications.append(pb.Modification(**modification))
+        return True
 
-    def add_header(self, name: str, value: str | bytes) -> None:
-        """Append a header."""
-        self._modify("add_header", add_header=pb.AddHeader(name=name, value=_bytes(value)))
+    def add_header(self, name: str, value: str | bytes) -> bool:
+        """Append a header. False when the MTA did not grant it (as every method below)."""
+        add = pb.AddHeader(name=name, value=_bytes(value))
+        return self._modify("add_header", "add_header", add_header=add)
 
-    def insert_header(self, index: int, name: str, value: str | bytes) -> None:
+    def insert_header(self, index: int, name: str, value: str | bytes) -> bool:
         """Insert a header; 0 is above the MTA's own Received: header, 1 just below it."""
         insert = pb.InsertHeader(index=index, name=name, value=_bytes(value))
-        self._modify("insert_header", insert_header=insert)
+        return self._modify("insert_header", "insert_header", insert_header=insert)
 
-    def change_header(self, name: str, value: str | bytes, index: int = 1) -> None:
+    def change_header(self, name: str, value: str | bytes, index: int = 1) -> bool:
         """Replace occurrence ``index`` (from 1) of a header."""
         change = pb.ChangeHeader(name=name, index=index, value=_bytes(value))
-        self._modify("change_header", change_header=change)
+        return self._modify("change_header", "change_header", change_header=change)
 
-    def delete_header(self, name: str, index: int = 1) -> None:
+    def delete_header(self, name: str, index: int = 1) -> bool:
         """Remove occurrence ``index`` (from 1); for several, delete from the last one back."""
-        self._modify("delete_header", delete_header=pb.DeleteHeader(name=name, index=index))
+        delete = pb.DeleteHeader(name=name, index=index)
+        return self._modify("delete_header", "delete_header", delete_header=delete)
 
-    def add_recipient(self, address: str, args: Iterable[str] = ()) -> None:
+    def add_recipient(self, address: str, args: Iterable[str] = ()) -> bool:
         """Add a recipient, optionally with ESMTP arguments such as ``NOTIFY=NEVER``."""
         add = pb.AddRecipient(address=address, esmtp_args=list(args))
-        self._modify("add_recipient", add_recipient=add)
+        needs = "add_recipient_with_args" if add.esmtp_args else "add_recipient"
+        return self._modify("add_recipient", needs, add_recipient=add)
 
-    def delete_recipient(self, address: str) -> None:
+    def delete_recipient(self, address: str) -> bool:
         """Remove a recipient, given as the MTA sent it (e.g. ``<a@example.org>``)."""
-        self._modify("delete_recipient", delete_recipient=pb.DeleteRecipient(address=address))
+        delete = pb.DeleteRecipient(address=address)
+        return self._modify("delete_recipient", "delete_recipient", delete_recipient=delete)
 
-    def replace_body(self, body: bytes) -> None:
+    def replace_body(self, body: bytes) -> bool:
         """Replace the whole body (lines end with CRLF)."""
-        self._modify("replace_body", replace_body=pb.ReplaceBody(body=body))
+        replace = pb.ReplaceBody(body=body)
+        return self._modify("replace_body", "replace_body", replace_body=replace)
 
-    def set_sender(self, address: str, args: Iterable[str] = ()) -> None:
+    def set_sender(self, address: str, args: Iterable[str] = ()) -> bool:
         """Change the envelope sender, optionally with ESMTP arguments."""
         change = pb.ChangeSender(address=address, esmtp_args=list(args))
-        self._modify("set_sender", change_sender=change)
+        return self._modify("set_sender", "set_sender", change_sender=change)
 
-    def quarantine(self, reason: str) -> None:
+    def quarantine(self, reason: str) -> bool:
         """Hold the message (Postfix: hold queue; Sendmail: quarantine)."""
-        self._modify("quarantine", quarantine=pb.Quarantine(reason=reason))
+        return self._modify("quarantine", "quarantine", quarantine=pb.Quarantine(reason=reason))
 
 
 def _bytes(value: str | bytes) -> bytes:

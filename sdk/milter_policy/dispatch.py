@@ -46,6 +46,7 @@ class Dispatcher:
             ctx.connection_id = request.start.session_id
             ctx.protocol_version = request.start.negotiated.protocol_version
             ctx.attempt = request.start.attempt
+            ctx._granted = request.start.negotiated.actions
             return []
         ctx.decided = None
         if request.HasField("decided"):

@@ -71,6 +71,7 @@ async def check_async(  # noqa: PLR0915 - one SMTP conversation, step by step
     stage_macros = macros or {}
     start = pb.StreamStart(fingerprint=policy.fingerprint, capabilities=caps, session_id="test.1")
     start.negotiated.protocol_version = 6
+    start.negotiated.actions.CopyFrom(caps.actions)  # an MTA that grants what is asked
     await dispatcher.handle(pb.ProcessRequest(sequence=sequence, start=start))
 
     hdrs = [pb.Header(name=n, value=v.encode() if isinstance(v, str) else v) for n, v in headers]

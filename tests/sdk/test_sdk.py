@@ -341,3 +341,28 @@ async def test_max_connection_age_keeps_streams_in_flight_within_the_grace() -> 
     finally:
         await bridge.stop()
         await server.stop(1.0)
+
+
+async def test_a_modification_the_mta_did_not_grant_is_not_sent() -> None:
+    """An MTA that grants no SMFIF_ADDHDRS (Sendmail with a milter's F= flags, say): the
+    SDK's add_header returns False and sends nothing, as libmilter's smfi_addheader fails,
+    so the policy's verdict stands instead of the bridge refusing the whole answer."""
+    granted: list[bool] = []
+    policy = Policy("stamp-if-granted")
+
+    @policy.end_of_message
+    def stamp(ctx: Context) -> None:
+        granted.append(ctx.add_header("X-Stamped", "yes"))
+        ctx.accept()
+
+    async with bridged(policy) as bridge:
+        client = await MtaClient.connect(bridge.port)
+        await client.negotiate(actions=0x1FF & ~0x01)  # every action but SMFIF_ADDHDRS
+        await client.send(*h.connect(), *h.helo(), *h.mail(), *h.rcpt())
+        assert await client.command(*h.eom()) == [r.Accept()]
+        await client.close()
+        client = await mta(bridge)  # an MTA that grants it
+        await client.send(*h.connect(), *h.helo(), *h.mail(), *h.rcpt())
+        assert await client.command(*h.eom()) == [r.AddHeader(b"X-Stamped", b"yes"), r.Accept()]
+        await client.close()
+    assert granted == [False, True]
