@@ -86,14 +86,12 @@ MAX_QUEUED_COMMANDS = 16
 
 def _skippable(plan: Plan) -> frozenset[State]:
     """The states the MTA may skip: those of events the plan does not need (once per plan)."""
-    found = plan.derived.get("skippable")
-    if isinstance(found, frozenset):
-        return found
-    skippable = frozenset(
-        st for stage, st in STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
+    return plan.remember(
+        "skippable",
+        lambda: frozenset(
+            st for stage, st in STATE_OF_STAGE.items() if not plan.needs_from_mta(stage)
+        ),
     )
-    plan.derived["skippable"] = skippable
-    return skippable
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,23 +85,12 @@ class Negotiation:
         return self.reply.version
 
 
-# Distinct offers remembered per plan; an MTA sends the same offer on every connection.
-MAX_OFFERS_KEPT = 64
-
-
 def negotiate(plan: Plan, offer: OptionNegotiation) -> Negotiation:
     """The reply to the MTA's OPTNEG; raises MalformedPacket for a version below 2.
 
-    Computed once per plan and offer: the sessions share the result (never change it)."""
+    Computed once per plan and offer (``Plan.remember``): the sessions share it."""
     key = ("optneg", offer.version, offer.actions, offer.protocol)
-    found = plan.derived.get(key)
-    if isinstance(found, Negotiation):
-        return found
-    negotiation = _negotiate(plan, offer)
-    if len(plan.derived) >= MAX_OFFERS_KEPT:
-        plan.derived.clear()
-    plan.derived[key] = negotiation
-    return negotiation
+    return plan.remember(key, lambda: _negotiate(plan, offer))
 
 
 def _negotiate(plan: Plan, offer: OptionNegotiation) -> Negotiation:

@@ -9,9 +9,10 @@ end-of-message event.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from milter_bridge.protocol.constants import ActionFlag, MacroStage
 from milter_bridge.session.stages import MACRO_STAGES, Mode, Stage
@@ -29,6 +30,8 @@ def enum_name(enum: EnumDescriptor, value: int) -> str:
 
 
 DEFAULT_BODY_LIMIT = 1 << 20
+MAX_REMEMBERED = 64
+_T = TypeVar("_T")
 
 
 class InvalidCapabilitiesError(ValueError):
@@ -112,11 +115,23 @@ class Plan:
     header_leading_space: bool
     # False for the stand-in used while no capabilities are known (see unavailable()).
     available: bool = True
-    # What every session with this plan derives alike, computed once (negotiation.py:
-    # the reply to each distinct OPTNEG offer). Shared by sessions: read-only to them.
-    derived: dict[object, object] = field(
+    # What every session with this plan derives alike (``remember``).
+    derived: dict[Hashable, object] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+
+    def remember(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """``make()``, computed once per plan and ``key`` and shared by the sessions
+        (which never change it): the OPTNEG reply to each distinct offer, the states
+        the MTA may skip. At most MAX_REMEMBERED keys: an MTA sends the same offer on
+        every connection, and a stream of odd offers only empties it."""
+        if key in self.derived:
+            return cast(_T, self.derived[key])
+        if len(self.derived) >= MAX_REMEMBERED:
+            self.derived.clear()
+        value = make()
+        self.derived[key] = value
+        return value
 
     @classmethod
     def unavailable(cls) -> Plan:
