@@ -101,12 +101,18 @@ class FrameDecoder:
         return packets
 
 
-def _decode(frame: Frame, parsers: dict[bytes, Callable[[bytes], _T]], side: str) -> _T:
-    parse = parsers.get(frame.code)
+def _parse(
+    code: bytes, payload: bytes, parsers: dict[bytes, Callable[[bytes], _T]], side: str
+) -> _T:
+    parse = parsers.get(code)
     if parse is None:
-        msg = f"unknown {side} byte {frame.code!r} (payload {frame.payload[:32]!r})"
+        msg = f"unknown {side} byte {code!r} (payload {payload[:32]!r})"
         raise UnknownCommand(msg)
-    return parse(frame.payload)
+    return parse(payload)
+
+
+def _decode(frame: Frame, parsers: dict[bytes, Callable[[bytes], _T]], side: str) -> _T:
+    return _parse(frame.code, frame.payload, parsers, side)
 
 
 def decode_command(frame: Frame) -> MtaCommand:
@@ -126,15 +132,8 @@ class CommandDecoder:
         self.frames = FrameDecoder(max_packet_size)
 
     def feed(self, data: bytes) -> list[MtaCommand]:
-        parsers = COMMAND_PARSERS
-        commands: list[MtaCommand] = []
-        for code, payload in self.frames.packets(data):
-            parse = parsers.get(code)
-            if parse is None:
-                msg = f"unknown command byte {code!r} (payload {payload[:32]!r})"
-                raise UnknownCommand(msg)
-            commands.append(parse(payload))
-        return commands
+        packets = self.frames.packets(data)  # no Frame object per packet on this hot path
+        return [_parse(code, payload, COMMAND_PARSERS, "command") for code, payload in packets]
 
 
 class ReplyDecoder:
