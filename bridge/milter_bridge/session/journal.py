@@ -32,6 +32,15 @@ class _Entry:
     decided: pb.Verdict | None = None
 
 
+def with_attempt(start: pb.ProcessRequest, attempt: int) -> pb.ProcessRequest:
+    """A copy of a `start` request with ``attempt`` (a Process stream reopened, or a
+    conversation replayed on a shared stream)."""
+    copy = pb.ProcessRequest()
+    copy.CopyFrom(start)
+    copy.start.attempt = attempt
+    return copy
+
+
 class Journal:
     def __init__(self, start: pb.ProcessRequest, limit: int = JOURNAL_LIMIT) -> None:
         self._start = start
@@ -78,10 +87,9 @@ class Journal:
     def replay(self, attempt: int) -> list[tuple[pb.ProcessRequest, Stage]]:
         """The conversation again, for a new stream: `start` with ``attempt``, then each
         kept request in order, the answered ones as observed with ``decided``."""
-        start = pb.ProcessRequest()
-        start.CopyFrom(self._start)
-        start.start.attempt = attempt
-        out: list[tuple[pb.ProcessRequest, Stage]] = [(start, Stage.CONNECT)]
+        out: list[tuple[pb.ProcessRequest, Stage]] = [
+            (with_attempt(self._start, attempt), Stage.CONNECT)
+        ]
         for entry in self._entries:
             request = entry.request
             if entry.decided is not None:

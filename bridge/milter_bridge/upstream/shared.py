@@ -41,6 +41,7 @@ from milter_bridge.upstream.stream import (
     failure_of,
     no_tick,
     replica_of,
+    wait_ticking,
 )
 from milter_bridge.v1 import policy_pb2 as pb
 
@@ -118,17 +119,11 @@ class SharedSession:
 
     async def receive(self, until: float) -> pb.ProcessResponse:
         """The next answer, by loop time ``until``; raises TimeoutError or StreamFailure."""
-        loop = asyncio.get_running_loop()
-        while not self._answers:
-            self._waiter = loop.create_future()
-            step = min(until, loop.time() + self._tick_every)
+        if not self._answers:
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout_at(step):
-                    await self._waiter
-            except TimeoutError:
-                if loop.time() >= until:
-                    raise
-                await self._tick()
+                if not await wait_ticking(self._waiter, until, self._tick, self._tick_every):
+                    raise TimeoutError
             finally:
                 self._waiter = None
         item = self._answers.popleft()

@@ -44,6 +44,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
+from milter_bridge.session.journal import with_attempt
 from milter_bridge.upstream.channel import MAX_ANSWER_SIZE, ProcessMethod
 from milter_bridge.upstream.first_status import StatusRecord
 from milter_bridge.upstream.security import Metadata, no_metadata
@@ -103,15 +104,24 @@ class StreamFailure(Exception):
 Call = grpc.aio.StreamStreamCall[pb.ProcessRequest, bytes]
 
 
-def _with_attempt(start: pb.ProcessRequest, attempt: int) -> pb.ProcessRequest:
-    copy = pb.ProcessRequest()
-    copy.CopyFrom(start)
-    copy.start.attempt = attempt
-    return copy
-
-
 async def no_tick() -> None:
     return None
+
+
+async def wait_ticking(
+    future: asyncio.Future[Any], until: float, tick: Tick, tick_every: float
+) -> bool:
+    """Whether ``future`` is done by loop time ``until``; ``tick()`` every ``tick_every``
+    seconds while it is not (the connection keeps a waiting MTA alive with it)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        left = until - loop.time()
+        if left <= 0:
+            return future.done()
+        done, _ = await asyncio.wait([future], timeout=min(left, tick_every))
+        if done:
+            return True
+        await tick()
 
 
 class PolicyStream:
@@ -217,15 +227,7 @@ class PolicyStream:
 
     async def _wait(self, future: asyncio.Future[Any], until: float) -> bool:
         """Whether ``future`` is done by loop time ``until``; ticks while it is not."""
-        loop = asyncio.get_running_loop()
-        while True:
-            left = until - loop.time()
-            if left <= 0:
-                return future.done()
-            done, _ = await asyncio.wait([future], timeout=min(left, self._tick_every))
-            if done:
-                return True
-            await self._tick()
+        return await wait_ticking(future, until, self._tick, self._tick_every)
 
     async def _write(self, request: pb.ProcessRequest, until: float) -> bool:
         """Hand one request to gRPC by loop time ``until``; False (call cancelled) if not."""
@@ -305,7 +307,7 @@ class PolicyStream:
         self._open()
         for request in replay:
             if request.HasField("start"):
-                request = _with_attempt(request, self._attempts - 1)  # noqa: PLW2901
+                request = with_attempt(request, self._attempts - 1)  # noqa: PLW2901
             if not await self._write(request, until):
                 return False
         return True
