@@ -52,6 +52,19 @@ async def takes_sessions_again(replica: Replica, bridge: BridgeProcess) -> None:
             assert decided_by_the_policy(report), (report.outcomes, report.refused_recipients)
 
 
+async def settled_row(
+    case: str, report: Report, bridge: BridgeProcess, restarted: list[Replica], before: Probe
+) -> Row:
+    """After the fault: each restarted replica decides again and the bridge's descriptors
+    settle; the case's row, saved, with the bridge back at its baseline."""
+    for replica in restarted:
+        await takes_sessions_again(replica, bridge)
+    await fds_settle(bridge, before.fds)
+    row = Row.build(case, [report], before, Probe.take(bridge), DEADLINE)
+    row.save().assert_settled()
+    return row
+
+
 def clean(bridge: BridgeProcess) -> None:
     log = bridge.log()
     assert " ERROR " not in log
@@ -103,21 +116,11 @@ async def test_rolling_update_costs_no_failure_action(
             await replica.restart()
         report = await running
         answered(report, count)
-        for replica in replicas:
-            await takes_sessions_again(replica, bridge)
-        await fds_settle(bridge, before.fds)
-        after = Probe.take(bridge)
-        row = Row.build(
-            "rolling update: each of three replicas SIGTERMed and restarted (c=8)",
-            [report],
-            before,
-            after,
-            DEADLINE,
-        )
-        row.save().assert_settled()
+        case = "rolling update: each of three replicas SIGTERMed and restarted (c=8)"
+        row = await settled_row(case, report, bridge, replicas, before)
         assert decided_by_the_policy(report), report.outcomes
         assert row.failure_actions == 0
-        assert after.fds <= before.fds + 1
+        assert row.fds[1] <= row.fds[0] + 1
     clean(bridge)
 
 
@@ -155,12 +158,7 @@ async def test_replicas_killed_mid_message_cost_no_failure_action(
             await replica.restart()
         report = await running
         answered(report, messages)
-        for replica in replicas:
-            await takes_sessions_again(replica, bridge)
-        await fds_settle(bridge, before.fds)
-        after = Probe.take(bridge)
-        row = Row.build(case, [report], before, after, DEADLINE)
-        row.save().assert_settled()
+        row = await settled_row(case, report, bridge, replicas, before)
         assert row.failure_actions == 0
         assert decided_by_the_policy(report), (report.outcomes, report.refused_recipients)
         assert "replaying the session on another" in bridge.log()
