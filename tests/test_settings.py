@@ -26,6 +26,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "socket_mode": ("640", '"640"'),
     "socket_group": ("root", '"root"'),
     "max_connections": ("77", "77"),
+    "workers": ("3", "3"),
     "deadline": ("helo=3", '["helo=3"]'),
     "failure_action": ("connect=accept", '{ connect = "accept" }'),
     "describe_wait": ("1.5", "1.5"),

@@ -25,6 +25,7 @@ from milter_bridge.load import command as load_command
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
 from milter_bridge.server.bridge import StartError, serve
+from milter_bridge.server.workers import supervise
 from milter_bridge.session.negotiation import negotiate
 from milter_bridge.session.plan import InvalidCapabilitiesError, Plan
 from milter_bridge.session.stages import NO_FLAG, Mode, Stage
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one exit per 
 
 
 def _run(config: Config) -> None:
+    if config.workers > 1:
+        supervise(config)
+        return
     try:
         import uvloop  # type: ignore[import-not-found]  # noqa: PLC0415 - optional speed-up
     except ImportError:

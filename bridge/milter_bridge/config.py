@@ -19,6 +19,7 @@ Defaults and why:
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -51,6 +52,8 @@ from milter_bridge.options import (
     stream_count,
     text,
     whole,
+    whole_or_auto,
+    worker_count,
 )
 from milter_bridge.protocol.codec import DEFAULT_MAX_PACKET_SIZE
 from milter_bridge.session import FailureAction, Stage
@@ -201,6 +204,11 @@ def _show_staged(values: Mapping[Stage, object]) -> str:
     return ",".join([word(common), *rest])
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, cpusets)."""
+    return len(os.sched_getaffinity(0))
+
+
 def _target(value: str) -> str | None:
     return None if value else "a gRPC target is required, e.g. policy:50051 or dns:///policy:50051"
 
@@ -255,7 +263,16 @@ class Config:
         parse=whole,
         check=positive,
         metavar="N",
-        help="MTA connections at once; more are closed with a log line",
+        help="MTA connections at once, for the whole bridge (all its workers);"
+        " more are closed with a log line",
+    )
+    workers: int = option(
+        default=1,
+        parse=whole_or_auto(cores),
+        check=worker_count,
+        metavar="N|auto",
+        help="processes serving MTA connections, sharing the listen socket, each with its own"
+        " policy channel; auto: one per core this process may run on",
     )
     deadlines: Mapping[Stage, float] = option(
         name="deadline",

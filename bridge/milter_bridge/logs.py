@@ -2,7 +2,8 @@
 
 Connection lines carry ``conn`` and, once the MTA has told it, ``qid`` (the
 queue id in the MTA's own log); decision lines add ``stage``, ``verdict`` and
-``latency_ms``. In plain lines these read ``conn=… qid=…: …``. No line holds
+``latency_ms``. In plain lines these read ``conn=… qid=…: …``. With
+``--workers N`` a worker's lines start with ``worker=I`` (a field in JSON). No line holds
 message content (addresses, headers, body): the bridge never logs them.
 
 What the MTA or a policy says (a queue id, a reason in an error) is only ever
@@ -44,7 +45,9 @@ class PlainFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         # The connection's prefix (ConnectionLog) is a field, never part of the format.
-        record.line = escape(getattr(record, "log_prefix", "") + record.getMessage())
+        worker = getattr(record, "worker", None)
+        prefix = "" if worker is None else f"worker={worker} "
+        record.line = escape(prefix + getattr(record, "log_prefix", "") + record.getMessage())
         return super().format(record)
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
@@ -55,7 +58,7 @@ class PlainFormatter(logging.Formatter):
 
 
 # Fields a record may carry (set through ``extra``), in output order.
-FIELDS = ("conn", "qid", "stage", "verdict", "latency_ms", "cause")
+FIELDS = ("worker", "conn", "qid", "stage", "verdict", "latency_ms", "cause")
 
 
 class JsonFormatter(logging.Formatter):
@@ -82,3 +85,14 @@ def setup(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def in_worker(index: int) -> None:
+    """Every line of this process (worker ``index`` of --workers N) says so."""
+
+    def mark(record: logging.LogRecord) -> bool:
+        record.worker = index
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(mark)

@@ -13,9 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 
 # Why a failure action was applied (failure_actions_total{cause}).
@@ -40,7 +50,16 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         p = "milter_bridge_"
-        self.connections_open = Gauge(p + "connections_open", "MTA connections open", registry=r)
+        self.connections_open = Gauge(
+            p + "connections_open", "MTA connections open", registry=r, multiprocess_mode="livesum"
+        )
+        self.worker_connections = Gauge(
+            p + "worker_connections",
+            "MTA connections accepted by the process since it started; with --workers N one"
+            " series per live worker, labelled by its pid",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.connections = Counter(p + "connections", "MTA connections accepted", registry=r)
         self.connections_refused = Counter(
             p + "connections_refused", "MTA connections closed at once", ["reason"], registry=r
@@ -102,24 +121,43 @@ class Metrics:
         )
         self.policy_ready = Gauge(
             p + "policy_ready",
-            "1 when capabilities are known and the policy is healthy",
+            "1 when capabilities are known and the policy is healthy (with --workers N:"
+            " in every worker)",
             registry=r,
+            multiprocess_mode="livemin",
         )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
+def use_multiprocess_values(folder: str) -> None:
+    """Metrics created from now on in this process (a worker) write to files in
+    ``folder``, which the supervisor aggregates (prometheus-client's multiprocess mode)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def aggregated(folder: str, registry: CollectorRegistry) -> Callable[[], bytes]:
+    """The supervisor's /metrics: its own ``registry`` and every worker's metrics in
+    ``folder``, the counters of workers gone included."""
+    multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    return lambda: generate_latest(registry)
+
+
 class HttpEndpoint:
     """A minimal HTTP/1.0 server for the three paths (no dependency beyond asyncio)."""
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool]) -> None:
-        self.metrics = metrics
+    def __init__(self, render: Callable[[], bytes], ready: Callable[[], bool]) -> None:
+        self.render = render
         self.ready = ready
         self._server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port)
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        if sock is None:
+            self._server = await asyncio.start_server(self._handle, host, port)
+        else:
+            self._server = await asyncio.start_server(self._handle, sock=sock)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
@@ -132,7 +170,7 @@ class HttpEndpoint:
             parts = request.decode("latin-1").split()
             path = parts[1] if len(parts) > 1 else ""
             if path == "/metrics":
-                status, body, kind = 200, self.metrics.render(), CONTENT_TYPE_PLAIN_0_0_4
+                status, body, kind = 200, self.render(), CONTENT_TYPE_PLAIN_0_0_4
             elif path == "/healthz":
                 status, body, kind = 200, b"ok\n", "text/plain"
             elif path == "/readyz":

@@ -177,6 +177,21 @@ def whole(raw: object) -> int:
     raise ValueError(msg)
 
 
+def whole_or_auto(auto: Callable[[], int]) -> Callable[[object], int]:
+    """A whole number, or the word ``auto`` for what ``auto()`` says."""
+
+    def parse(raw: object) -> int:
+        if raw == "auto":
+            return auto()
+        try:
+            return whole(raw)
+        except ValueError:
+            msg = f"{raw!r} is neither a whole number nor auto"
+            raise ValueError(msg) from None
+
+    return parse
+
+
 def number(raw: object) -> float:
     if isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw)
@@ -256,6 +271,13 @@ def stream_count(value: float) -> str | None:
     if 0 <= value <= MAX_POLICY_STREAMS:
         return None
     return f"{value} is not between 0 and {MAX_POLICY_STREAMS}"
+
+
+MAX_WORKERS = 64
+
+
+def worker_count(value: float) -> str | None:
+    return None if 1 <= value <= MAX_WORKERS else f"{value} is not between 1 and {MAX_WORKERS}"
 
 
 def seconds_or_zero(value: float) -> str | None:

@@ -27,6 +27,8 @@ from tests.mta.sink import SmtpSink
 from tests.mta.test_sendmail_smoke import require_sendmail
 from tests.prerequisites import require
 from tests.runtime.policy import PolicyServer, ScriptedPolicy, always_continue
+from tests.runtime.process import BridgeProcess
+from tests.runtime.workers import ready, until
 
 EVENTS = [f.name for f in pb.EventModes.DESCRIPTOR.fields]
 
@@ -55,49 +57,81 @@ CAPABILITIES = pb.Capabilities(
 @dataclass
 class World:
     policy: ScriptedPolicy
-    bridge: Bridge
+    bridge: Bridge | None  # None: the bridge runs as its own process (--workers N)
     sink: SmtpSink
     mtas: dict[str, Postfix | Sendmail]
+    upstream: str  # the policy's gRPC target
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def world() -> AsyncIterator[World]:
+    async with started_world(workers=1) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def started_world(workers: int) -> AsyncIterator[World]:
+    """The policy, the bridge (in this process, or with ``workers`` > 1 as its own
+    process with that many workers), both MTAs and the sink."""
     require(root=True, commands=("postfix",))
     sendmail_tree = require_sendmail()
     policy = ScriptedPolicy(CAPABILITIES)
     server = PolicyServer(policy)
     await server.start()
-    bridge = Bridge(
-        Config(listen=Listen(ListenKind.INET, host="127.0.0.1"), upstream=server.target)
-    )
-    await bridge.start()
-    assert await bridge.capabilities.plan(10.0) is not None
-    sink = SmtpSink()
-    await sink.start()
     # Postfix's own users must reach the instance: pytest's tmp_path is 0700.
     base = Path(tempfile.mkdtemp(prefix="milter-bridge-conformance-"))
     base.chmod(0o755)
+    bridge, process = None, None
+    if workers == 1:
+        bridge = Bridge(
+            Config(listen=Listen(ListenKind.INET, host="127.0.0.1"), upstream=server.target)
+        )
+        await bridge.start()
+        assert await bridge.capabilities.plan(10.0) is not None
+        port = bridge.port
+    else:
+        process = BridgeProcess(
+            base / "bridge.sock",
+            server.target,
+            "--workers",
+            str(workers),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            tcp=True,
+        )
+        await process.start()
+        await until(lambda: _ready(process), "every worker ready")
+        port = process.port
+    sink = SmtpSink()
+    await sink.start()
     mtas: dict[str, Postfix | Sendmail] = {
-        "postfix": Postfix(base / "postfix", f"inet:127.0.0.1:{bridge.port}", sink.port),
-        "sendmail": Sendmail(
-            base / "sendmail", f"inet:{bridge.port}@127.0.0.1", sink.port, sendmail_tree
-        ),
+        "postfix": Postfix(base / "postfix", f"inet:127.0.0.1:{port}", sink.port),
+        "sendmail": Sendmail(base / "sendmail", f"inet:{port}@127.0.0.1", sink.port, sendmail_tree),
     }
     try:
         for mta in mtas.values():
             await mta.start()
-        yield World(policy, bridge, sink, mtas)
+        yield World(policy, bridge, sink, mtas, server.target)
     finally:
         for mta in mtas.values():
             await mta.stop()
-        await bridge.stop()
+        if bridge is not None:
+            await bridge.stop()
+        if process is not None:
+            await process.stop()
+            assert " ERROR " not in process.log(), process.log()
         await server.stop()
         await sink.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 
+async def _ready(process: BridgeProcess) -> bool:
+    return await ready(process) == 200
+
+
 async def _describe(world: World, capabilities: pb.Capabilities) -> None:
     world.policy.capabilities = capabilities
+    assert world.bridge is not None, "only a bridge in this process is told to refresh"
     world.bridge.capabilities.refresh_now()
     async with asyncio.timeout(10):  # waits for the bridge to have them, not for time to pass
         while (plan := world.bridge.capabilities.current) is None or (

@@ -55,7 +55,7 @@ async def test_unix_socket_listener(fresh: World, mta_name: str) -> None:
     base.chmod(0o755)
     socket = base / "bridge.sock"
     listen = Listen(ListenKind.UNIX, path=str(socket))
-    config = Config(listen=listen, upstream=fresh.bridge.config.upstream, socket_mode=0o666)
+    config = Config(listen=listen, upstream=fresh.upstream, socket_mode=0o666)
     bridge = Bridge(config)
     await bridge.start()
     mta: Postfix | Sendmail

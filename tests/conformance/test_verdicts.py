@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
+import pytest_asyncio
 
 from milter_bridge.v1 import policy_pb2 as pb
-from tests.conformance.conftest import World
+from tests.conformance.conftest import World, started_world
 from tests.conformance.smtp import Message, send
 from tests.runtime.policy import verdict
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(
+    loop_scope="session", scope="session", params=[1, 2], ids=["1", "2 workers"]
+)
+async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
+    """Every verdict through the bridge in one process and through two workers."""
+    async with started_world(workers=request.param) as started:
+        yield started
 
 
 def at(stage: str, answer: pb.Verdict, *, rcpt: str | None = None) -> object:

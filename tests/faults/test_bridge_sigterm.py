@@ -14,6 +14,8 @@ import asyncio
 import signal
 from pathlib import Path
 
+import pytest
+
 from milter_bridge.load import Report
 from tests.faults.fleet import (
     answered_by_the_policy,
@@ -38,10 +40,19 @@ def refused_or_decided(report: Report, decided: set[str]) -> None:
     assert report.protocol_errors.by_kind.keys() <= {"closed"}
 
 
+WORKERS = ["1", "2"]
+
+
+def named(row: str, workers: str) -> str:
+    return row if workers == "1" else f"{row}, {workers} workers"
+
+
+@pytest.mark.parametrize("workers", WORKERS)
 async def test_in_flight_sessions_finish_with_the_policys_verdicts(
-    tmp_path: Path, policy_path: tuple[str, ...]
+    tmp_path: Path, policy_path: tuple[str, ...], workers: str
 ) -> None:
     flags = (*policy_path, "--deadline", "5", "--metrics-listen", "127.0.0.1:0")
+    flags += ("--workers", workers)
     async with fleet(tmp_path, *flags) as (_, bridge):
         before = Probe.take(bridge)
         count = scale(400)
@@ -54,7 +65,7 @@ async def test_in_flight_sessions_finish_with_the_policys_verdicts(
         refused_or_decided(report, {"eom continue", "eom reject 550"})
         assert report.outcomes.get(REFUSED, 0) > 0  # new connections were refused
         Row.build(
-            "bridge SIGTERMed under load (c=8, 4 messages per session)",
+            named("bridge SIGTERMed under load (c=8, 4 messages per session)", workers),
             [report],
             before,
             Probe.gone(bridge),
@@ -70,8 +81,9 @@ async def test_in_flight_sessions_finish_with_the_policys_verdicts(
     assert "policy failure" not in log
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 async def test_after_the_grace_period_the_failure_action(
-    tmp_path: Path, policy_path: tuple[str, ...]
+    tmp_path: Path, policy_path: tuple[str, ...], workers: str
 ) -> None:
     grace, deadline = 1.0, 20.0
     flags = (
@@ -82,6 +94,8 @@ async def test_after_the_grace_period_the_failure_action(
         f"{grace:g}",
         "--metrics-listen",
         "127.0.0.1:0",
+        "--workers",
+        workers,
     )
     async with fleet(tmp_path, *flags) as (policy, bridge):
         # Warm: the bridge knows the policy's capabilities before it stops answering.
@@ -106,7 +120,10 @@ async def test_after_the_grace_period_the_failure_action(
         log = bridge.log()
         assert log.count(SHUTDOWN_LINE) == 8
         Row.build(
-            f"bridge SIGTERMed, policy stopped (grace {grace:g} s, deadline {deadline:g} s)",
+            named(
+                f"bridge SIGTERMed, policy stopped (grace {grace:g} s, deadline {deadline:g} s)",
+                workers,
+            ),
             [report],
             before,
             Probe.gone(bridge),

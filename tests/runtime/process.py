@@ -13,14 +13,23 @@ from tests.runtime.mta_client import MtaClient
 
 
 class BridgeProcess:
-    def __init__(self, socket_path: Path, upstream: str, *flags: str, tcp: bool = False) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        upstream: str,
+        *flags: str,
+        tcp: bool = False,
+        listen: str | None = None,
+    ) -> None:
         """Listens on the unix socket ``socket_path``, or with ``tcp`` on a loopback port
-        of its choosing (``target`` names it once started); the log is beside the socket."""
+        of its choosing, or on ``listen`` (port 0: ``target`` names the port once
+        started); the log is beside the socket."""
         self.socket_path = socket_path
         self.log_path = socket_path.with_suffix(".log")
-        self.tcp = tcp
+        listen = listen or ("inet:127.0.0.1:0" if tcp else f"unix:{socket_path}")
+        self.tcp = not listen.startswith("unix:")
         self.port = 0
-        listen = "inet:127.0.0.1:0" if tcp else f"unix:{socket_path}"
+        self.address = listen
         self.argv = [
             sys.executable,
             "-m",
@@ -35,8 +44,9 @@ class BridgeProcess:
 
     @property
     def target(self) -> str:
-        """Where an MTA connects: ``unix:/PATH`` or ``inet:127.0.0.1:PORT``."""
-        return f"inet:127.0.0.1:{self.port}" if self.tcp else f"unix:{self.socket_path}"
+        """Where an MTA connects: ``unix:/PATH``, ``inet:127.0.0.1:PORT`` or
+        ``inet6:[::1]:PORT``."""
+        return self.address
 
     async def start(self) -> None:
         with self.log_path.open("wb") as log:
@@ -64,9 +74,9 @@ class BridgeProcess:
         """Readiness over TCP: its log names the port it listens on."""
         assert self.proc is not None
         for _ in range(500):
-            found = re.search(r"listening on inet:127\.0\.0\.1:(\d+),", self.log())
+            found = re.search(r"listening on (inet6?:\S+:(\d+)),", self.log())
             if found is not None:
-                self.port = int(found.group(1))
+                self.address, self.port = found.group(1), int(found.group(2))
                 return
             if self.proc.poll() is not None:
                 break

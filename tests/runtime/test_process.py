@@ -15,21 +15,13 @@ import pytest
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
 from milter_bridge.v1 import policy_pb2 as pb
-from tests.runtime.policy import PolicyServer, ScriptedPolicy, verdict
+from tests.runtime.policy import PolicyServer, verdict
 from tests.runtime.process import BridgeProcess
 from tests.session import harness as h
 
 # The stated limit (README): peak RSS of the bridge with a 50 MB body, 10,000
 # headers and 10,000 recipients streaming through to a slow policy.
 PEAK_RSS_LIMIT_MB = 120
-
-
-@pytest.fixture
-async def policy() -> AsyncIterator[PolicyServer]:
-    server = PolicyServer(ScriptedPolicy(h.capabilities(connect=h.DECIDE, end_of_message=h.DECIDE)))
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture
@@ -240,6 +232,8 @@ BASE = ["--listen", "inet:127.0.0.1:1", "--upstream", "p:1"]
         ([*BASE, "--failure-action", "drop"], "'drop' is not tempfail"),
         ([*BASE, "--socket-mode", "rw"], "--socket-mode: 'rw'"),
         ([*BASE, "--max-connections", "0"], "--max-connections: 0"),
+        ([*BASE, "--workers", "0"], "--workers: 0 is not between 1 and 64"),
+        ([*BASE, "--workers", "many"], "--workers: 'many' is neither a whole number nor auto"),
         ([*BASE, "--deadline", "inf"], "must be greater than 0 and finite"),
         ([*BASE, "--grace-period", "nan"], "--grace-period: nan is not a number"),
         ([*BASE, "--progress-interval", "30"], "Sendmail gives up on a milter silent for 10s"),

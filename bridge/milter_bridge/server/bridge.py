@@ -3,29 +3,31 @@
 SIGTERM (or SIGINT) stops accepting at once and lets the connections in
 flight finish their SMTP sessions for up to ``grace_period`` seconds; those
 still open then are closed, and their MTAs apply their own milter default
-action.
+action. SIGHUP is logged and ignored (nothing is reloaded).
+
+With ``--workers N`` this is one worker (server/workers.py forks N of them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import itertools
 import logging
 import os
 import signal
 import socket
-import stat
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from milter_bridge.config import Config, ListenKind
 from milter_bridge.metrics import HttpEndpoint, Metrics
+from milter_bridge.server.board import Board
 from milter_bridge.server.connection import MtaConnection
+from milter_bridge.server.listener import Listener, ListenError, bind
 from milter_bridge.upstream.capabilities import CapabilitiesCache
 from milter_bridge.upstream.channel import make_channel, make_stub, process_method
 from milter_bridge.upstream.pool import SharedStreams
@@ -33,15 +35,32 @@ from milter_bridge.upstream.security import BearerToken, Metadata, load_tls, no_
 from milter_bridge.upstream.shared import sessions_method
 
 log = logging.getLogger("milter_bridge")
+READY_INTERVAL = 0.5  # how often a worker puts its readiness on the board
 
 
 class StartError(Exception):
     """The bridge cannot start; the message names the setting and why."""
 
 
+@dataclass(frozen=True)
+class Place:
+    """A worker's place in a bridge of several: the shared board and its slot on it."""
+
+    board: Board
+    index: int
+
+
 class Bridge:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, listener: Listener | None = None, place: Place | None = None
+    ) -> None:
+        """Binds ``config.listen`` at start, or serves ``listener`` bound by a supervisor
+        as the worker at ``place``."""
         self.config = config
+        self._listener = listener
+        self._owns_listener = False
+        self._place = place
+        self._ready_task: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
         self._tasks: set[asyncio.Task[None]] = set()
@@ -51,7 +70,6 @@ class Bridge:
         self._http: HttpEndpoint | None = None
         self.metrics_port = 0
         self.metadata: Callable[[], Metadata] = no_metadata
-        self._socket_inode = -1
 
     async def start(self) -> None:
         c = self.config
@@ -83,9 +101,9 @@ class Bridge:
         health = health_pb2_grpc.HealthStub(self.channel)
         self.capabilities = CapabilitiesCache(self.stub, c.describe_refresh, health, self.metadata)
         self.capabilities.start()
-        if c.metrics_address is not None:
+        if c.metrics_address is not None and self._place is None:  # workers: the supervisor
             host, port = c.metrics_address
-            self._http = HttpEndpoint(self.metrics, self._ready)
+            self._http = HttpEndpoint(self.metrics.render, self._ready)
             try:
                 self.metrics_port = await self._http.start(host, port)
             except OSError as exc:
@@ -93,20 +111,30 @@ class Bridge:
                 raise StartError(msg) from exc
             shown = f"[{host}]" if ":" in host else host
             log.info("metrics and health on http://%s:%d/", shown, self.metrics_port)
-        listen = self.config.listen
-        try:
-            if listen.kind is ListenKind.UNIX:
-                self._server = await self._start_unix(Path(listen.path))
-            else:
-                self._server = await asyncio.start_server(
-                    self._accept, listen.host, listen.port, reuse_address=True
-                )
-        except OSError as exc:  # e.g. the address is taken
-            msg = f"--listen {listen}: {exc.strerror or exc}"
-            raise StartError(msg) from exc
-        log.info("listening on %s, policy at %s", self.address, self.config.upstream)
-        for line in mta_settings(self.address):
-            log.info("%s", line)
+        if self._listener is None:
+            try:
+                self._listener = bind(c)
+            except ListenError as exc:
+                raise StartError(str(exc)) from exc
+            self._owns_listener = True
+        listener = self._listener
+        if listener.listen.kind is ListenKind.UNIX:
+            self._server = await asyncio.start_unix_server(self._accept, sock=listener.sock)
+        else:
+            self._server = await asyncio.start_server(self._accept, sock=listener.sock)
+        if self._place is None:
+            log.info("listening on %s, policy at %s", self.address, c.upstream)
+            for line in mta_settings(self.address):
+                log.info("%s", line)
+        else:
+            log.info("serving (pid %d), policy at %s", os.getpid(), c.upstream)
+            self._ready_task = asyncio.create_task(self._report_ready(self._place))
+
+    async def _report_ready(self, place: Place) -> None:
+        """A worker's readiness, on the board for the supervisor's /readyz."""
+        while True:
+            place.board.set_ready(place.index, ready=self._ready())
+            await asyncio.sleep(READY_INTERVAL)
 
     def _ready(self) -> bool:
         ready = not self._stopping and self.capabilities.ready
@@ -116,38 +144,16 @@ class Bridge:
     @property
     def address(self) -> str:
         """The listen address with the real port (when the configured port was 0)."""
-        listen = self.config.listen
-        if listen.kind is ListenKind.UNIX or self._server is None:
-            return str(listen)
-        port = self._server.sockets[0].getsockname()[1]
-        host = f"[{listen.host}]" if listen.kind is ListenKind.INET6 else listen.host
-        return f"{listen.kind.value}:{host}:{port}"
+        return str(self.config.listen) if self._listener is None else self._listener.address
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._listener is not None
+        return self._listener.port
 
     @property
     def connections(self) -> int:
         return len(self._tasks)
-
-    async def _start_unix(self, path: Path) -> asyncio.Server:
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                msg = f"--listen: {path} exists and is not a socket"
-                raise StartError(msg)
-            if await _in_use(path):
-                msg = f"--listen: another process listens on {path}"
-                raise StartError(msg)
-            path.unlink()  # a stale socket of an earlier run
-        server = await asyncio.start_unix_server(self._accept, str(path))
-        self._socket_inode = path.stat().st_ino
-        if self.config.socket_group is not None:
-            os.chown(path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
-        if self.config.socket_mode is not None:
-            path.chmod(self.config.socket_mode)
-        return server
 
     def _channel_ready(self) -> bool:
         """Whether the channel to the policy is connected (tells unreachable from stuck)."""
@@ -155,8 +161,9 @@ class Bridge:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_id = f"{self._prefix}.{next(self._ids)}"
-        if self._stopping or len(self._tasks) >= self.config.max_connections:
-            why = "shutting down" if self._stopping else f"{len(self._tasks)} connections open"
+        open_before = self._take_connection()
+        if self._stopping or open_before >= self.config.max_connections:
+            why = "shutting down" if self._stopping else f"{open_before} connections open"
             self.metrics.connections_refused.labels("shutdown" if self._stopping else "limit").inc()
             log.warning("conn=%s: refused: %s (the MTA applies its default action)", conn_id, why)
             writer.close()
@@ -169,6 +176,7 @@ class Bridge:
         self._tasks.add(task)
         self.metrics.connections.inc()
         self.metrics.connections_open.inc()
+        self.metrics.worker_connections.inc()
         try:
             connection = MtaConnection(
                 conn_id,
@@ -188,6 +196,17 @@ class Bridge:
         finally:
             self._tasks.discard(task)
             self.metrics.connections_open.dec()
+            if self._place is not None:
+                self._place.board.give_back(self._place.index)
+
+    def _take_connection(self) -> int:
+        """The connections open before this one: in this process, or with workers in the
+        whole bridge (the one taken on the board unless the limit is reached)."""
+        if self._place is None:
+            return len(self._tasks)
+        if self._stopping:
+            return 0
+        return self._place.board.take(self._place.index, self.config.max_connections)
 
     async def stop(self) -> None:
         """Stop accepting, let connections finish within the grace period, then close the rest."""
@@ -211,35 +230,44 @@ class Bridge:
         await self.channel.close(None)
         if self._http is not None:
             await self._http.stop()
-        if self.config.listen.kind is ListenKind.UNIX:
-            path = Path(self.config.listen.path)
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_ino == self._socket_inode:  # not a later instance's socket
-                    path.unlink()
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ready_task
+        if self._owns_listener and self._listener is not None:
+            self._listener.remove()
         log.info("stopped")
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
-    bridge = Bridge(config)
+async def serve(
+    config: Config,
+    listener: Listener | None = None,
+    place: Place | None = None,
+    supervisor: int | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT; a worker also stops when the pipe ``supervisor``
+    (the read end of one its supervisor holds open) ends: a bridge is never left
+    with workers but no supervisor."""
+    bridge = Bridge(config, listener, place)
     await bridge.start()
     stop = asyncio.Event()
+    why: list[str] = []
+
+    def stop_for(reason: str) -> None:
+        why.append(reason)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_for, "signal received")
+    loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP ignored: nothing is reloaded")
+    if supervisor is not None:
+        loop.add_reader(supervisor, stop_for, "the supervisor is gone")
     await stop.wait()
-    log.info("signal received: stopping")
+    if supervisor is not None:
+        loop.remove_reader(supervisor)
+    log.info("%s: stopping", why[0])
     await bridge.stop()
-
-
-async def _in_use(path: Path) -> bool:
-    """Whether a process accepts connections on this unix socket."""
-    try:
-        _, writer = await asyncio.open_unix_connection(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    writer.close()
-    return True
 
 
 def mta_settings(address: str) -> list[str]:

@@ -1,0 +1,77 @@
+"""What the workers of one bridge share: open connections and readiness, one slot each.
+
+A file mapped by the supervisor before it forks, so every worker sees the same
+bytes. Each worker writes only its own slot; ``--max-connections`` counts the
+slots of all workers under a POSIX record lock on the same file (``lockf``),
+which the kernel releases when its holder dies, so a worker killed at any
+moment cannot leave the others locked out. The supervisor clears a dead
+worker's slot before its successor starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from pathlib import Path
+
+_SLOT = struct.Struct("=qq")  # open connections, ready (0 or 1)
+
+
+class Board:
+    def __init__(self, path: Path, workers: int) -> None:
+        self.workers = workers
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, _SLOT.size * workers)
+        self._map = mmap.mmap(self._fd, _SLOT.size * workers)
+
+    def _slot(self, index: int) -> tuple[int, int]:
+        opened, ready = _SLOT.unpack_from(self._map, index * _SLOT.size)
+        return int(opened), int(ready)
+
+    def _write(self, index: int, opened: int, ready: int) -> None:
+        _SLOT.pack_into(self._map, index * _SLOT.size, opened, ready)
+
+    def open_connections(self) -> int:
+        return sum(self._slot(i)[0] for i in range(self.workers))
+
+    def take(self, index: int, limit: int) -> int:
+        """One more connection for worker ``index`` if the bridge has fewer than ``limit``
+        open; returns the bridge's open connections before (≥ limit: refused)."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            total = self.open_connections()
+            if total < limit:
+                opened, ready = self._slot(index)
+                self._write(index, opened + 1, ready)
+            return total
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def give_back(self, index: int) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            opened, ready = self._slot(index)
+            self._write(index, max(opened - 1, 0), ready)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def set_ready(self, index: int, *, ready: bool) -> None:
+        # A single 8-byte aligned store; readers see the old or the new value.
+        struct.pack_into("=q", self._map, index * _SLOT.size + 8, 1 if ready else 0)
+
+    def ready(self, index: int) -> bool:
+        return self._slot(index)[1] == 1
+
+    def clear(self, index: int) -> None:
+        """The slot of a worker that is gone (its connections died with it)."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            self._write(index, 0, 0)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)

@@ -1,0 +1,257 @@
+"""``--workers N``: a supervisor and N forked worker processes sharing one listen socket.
+
+The supervisor binds the MTA listener and the metrics socket, then forks the
+workers. It never creates a gRPC object, so each worker builds its own
+channel in a clean process (gRPC is not fork-safe once it runs). The kernel
+hands each new MTA connection to one worker from the shared accept queue.
+
+- A worker that dies is logged and replaced; its MTA connections die with it
+  (their MTAs apply their milter default action). A worker that dies soon after
+  it started is replaced after a growing pause, so a worker that cannot start
+  does not spin.
+- SIGTERM or SIGINT: the supervisor closes its copy of the listener and passes
+  SIGTERM on; each worker drains within ``--grace-period`` as a single process
+  does; a worker still there 10 s after that is killed.
+- SIGHUP is logged and ignored, here and in the workers.
+- /metrics aggregates the workers (prometheus-client's multiprocess mode);
+  /readyz is 200 only when every worker is running and ready.
+- A worker whose supervisor is gone (its pipe ends) drains and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
+
+from milter_bridge import logs
+from milter_bridge.config import Config
+from milter_bridge.metrics import HttpEndpoint, aggregated, use_multiprocess_values
+from milter_bridge.server.board import Board
+from milter_bridge.server.bridge import Place, StartError, mta_settings, serve
+from milter_bridge.server.listener import Listener, ListenError, bind
+
+log = logging.getLogger("milter_bridge")
+
+KILL_AFTER = 10.0  # beyond the grace period, for a worker that does not stop
+QUICK_DEATH = 10.0  # a worker dead sooner than this after its start is replaced after a pause
+MAX_PAUSE = 30.0
+
+
+@dataclass
+class Worker:
+    index: int
+    pid: int
+    sentinel: int  # read end of a pipe only the worker holds open: EOF when it is gone
+    started: float
+    gone: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def supervise(config: Config) -> None:
+    """Run the bridge as a supervisor and ``config.workers`` workers, until SIGTERM."""
+    try:
+        listener = bind(config)
+    except ListenError as exc:
+        raise StartError(str(exc)) from exc
+    folder = Path(tempfile.mkdtemp(prefix="milter-bridge-workers-"))
+    try:
+        metrics_sock = _metrics_socket(config)
+        board = Board(folder / "board", config.workers)
+        log.info(
+            "listening on %s, policy at %s, %d workers",
+            listener.address,
+            config.upstream,
+            config.workers,
+        )
+        for line in mta_settings(listener.address):
+            log.info("%s", line)
+        try:
+            asyncio.run(Supervisor(config, listener, board, folder, metrics_sock).run())
+        finally:
+            board.close()
+    finally:
+        listener.sock.close()
+        listener.remove()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _metrics_socket(config: Config) -> socket.socket | None:
+    if config.metrics_address is None:
+        return None
+    host, port = config.metrics_address
+    try:
+        sock = socket.create_server((host, port), family=_family(host))
+    except OSError as exc:
+        msg = f"--metrics-listen {config.metrics_listen}: {exc.strerror or exc}"
+        raise StartError(msg) from exc
+    shown = f"[{host}]" if ":" in host else host
+    log.info("metrics and health on http://%s:%d/", shown, sock.getsockname()[1])
+    return sock
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        listener: Listener,
+        board: Board,
+        folder: Path,
+        metrics_sock: socket.socket | None,
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.board = board
+        self.folder = folder
+        self.metrics_sock = metrics_sock
+        self.workers: dict[int, Worker] = {}
+        self.pauses = dict.fromkeys(range(config.workers), 0.0)
+        self.stopping = False
+        self.registry = CollectorRegistry()
+        self.restarts = Counter(
+            "milter_bridge_worker_restarts",
+            "Workers started again after one died",
+            registry=self.registry,
+        )
+        live = Gauge("milter_bridge_workers", "Worker processes running", registry=self.registry)
+        live.set_function(lambda: len(self.workers))
+        # Held open here only: each worker watches the read end and stops when it ends.
+        self.alive_r, self.alive_w = os.pipe()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP ignored: nothing is reloaded")
+        render = aggregated(str(self.folder), self.registry)
+        http = None
+        if self.metrics_sock is not None:
+            http = HttpEndpoint(render, self._ready)
+            await http.start("", 0, sock=self.metrics_sock)
+        for index in range(self.config.workers):
+            self._start(index)
+        await stop.wait()
+        log.info("signal received: stopping %d workers", len(self.workers))
+        self.stopping = True
+        if http is not None:
+            await http.stop()
+        self.listener.sock.close()  # the socket closes when the last worker closes its copy
+        await self._stop_workers()
+        os.close(self.alive_w)
+        os.close(self.alive_r)
+        log.info("stopped")
+
+    def _ready(self) -> bool:
+        return (
+            not self.stopping
+            and len(self.workers) == self.config.workers
+            and all(self.board.ready(i) for i in self.workers)
+        )
+
+    def _start(self, index: int) -> None:
+        if self.stopping:
+            return
+        sentinel_r, sentinel_w = os.pipe()
+        inherited = [sentinel_r, *(w.sentinel for w in self.workers.values())]
+        if self.metrics_sock is not None:
+            inherited.append(self.metrics_sock.fileno())
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's loop
+            code = 1
+            try:
+                code = _worker(self, index, [*inherited, self.alive_w])
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        os.close(sentinel_w)
+        worker = Worker(index, pid, sentinel_r, time.monotonic())
+        self.workers[index] = worker
+        asyncio.get_running_loop().add_reader(sentinel_r, self._gone, worker)
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def _gone(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(worker.sentinel)
+        os.close(worker.sentinel)
+        _, status = os.waitpid(worker.pid, 0)
+        del self.workers[worker.index]
+        self.board.clear(worker.index)
+        multiprocess.mark_process_dead(worker.pid, str(self.folder))  # type: ignore[no-untyped-call]
+        worker.gone.set_result(status)
+        how = _exit_status(status)
+        if self.stopping:
+            log.info("worker %d (pid %d) %s", worker.index, worker.pid, how)
+            return
+        lived = time.monotonic() - worker.started
+        pause = self.pauses[worker.index]
+        pause = min(max(pause * 2, 0.5), MAX_PAUSE) if lived < QUICK_DEATH else 0.0
+        self.pauses[worker.index] = pause
+        log.error(
+            "worker %d (pid %d) %s; its MTA connections are lost; starting another%s",
+            worker.index,
+            worker.pid,
+            how,
+            f" in {pause:g}s" if pause else "",
+        )
+        self.restarts.inc()
+        loop.call_later(pause, self._start, worker.index)
+
+    async def _stop_workers(self) -> None:
+        waiting = [w.gone for w in self.workers.values()]
+        for worker in list(self.workers.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+        if not waiting:
+            return
+        _, late = await asyncio.wait(waiting, timeout=self.config.grace_period + KILL_AFTER)
+        if late:
+            for worker in list(self.workers.values()):
+                log.warning("worker %d (pid %d) did not stop: killed", worker.index, worker.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+            await asyncio.wait(late, timeout=5)
+
+
+def _exit_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def _worker(supervisor: Supervisor, index: int, close: list[int]) -> int:
+    """The forked worker's life: its own signals, loop, gRPC channel and metrics files."""
+    signal.set_wakeup_fd(-1)  # the supervisor's loop's, shared after fork
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd in close:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    logs.in_worker(index)
+    use_multiprocess_values(str(supervisor.folder))
+    place = Place(supervisor.board, index)
+    try:
+        asyncio.run(serve(supervisor.config, supervisor.listener, place, supervisor.alive_r))
+    except StartError as exc:
+        log.error("worker %d: %s", index, exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

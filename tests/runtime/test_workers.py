@@ -1,0 +1,228 @@
+"""``--workers 2``: one listen socket (inet, inet6, unix) served by two forked workers.
+
+Connections spread over both; ``--max-connections`` holds for the whole bridge;
+a killed worker is replaced while the other serves; SIGTERM drains both; and
+workers whose supervisor is gone stop by themselves. Through real MTAs:
+tests/mta/test_workers_postfix.py and the verdicts of the conformance suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from milter_bridge.protocol import commands as cmd
+from milter_bridge.protocol import replies as r
+from tests.runtime.mta_client import MtaClient
+from tests.runtime.policy import PolicyServer
+from tests.runtime.process import BridgeProcess
+from tests.runtime.workers import alive, by_worker, connect, one, ready, until
+from tests.session import harness as h
+
+METRICS = ("--metrics-listen", "127.0.0.1:0")
+
+
+@pytest.fixture
+async def workers(
+    policy: PolicyServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[BridgeProcess]:
+    """The bridge with two workers on ``listen`` (a parameter: inet by default)."""
+    listen = getattr(request, "param", "inet:127.0.0.1:0").replace("TMP", str(tmp_path))
+    flags = getattr(request, "flags", ())
+    bridge = BridgeProcess(
+        tmp_path / "bridge.sock", policy.target, "--workers", "2", *METRICS, *flags, listen=listen
+    )
+    await bridge.start()
+    await until(lambda: _ready(bridge), "both workers ready")
+    yield bridge
+    await bridge.stop()
+
+
+async def _ready(bridge: BridgeProcess) -> bool:
+    return await ready(bridge) == 200
+
+
+async def session(mta: MtaClient) -> None:
+    """A whole SMTP session's milter conversation, answered by the policy."""
+    assert await mta.command(*h.connect()) == [r.Continue()]
+    assert await mta.command(*h.eom()) == [r.Continue()]
+    await mta.send(cmd.Quit())
+    assert await mta.closed_by_peer()
+    await mta.close()
+
+
+async def spread(bridge: BridgeProcess, rounds: int = 20) -> dict[int, float]:
+    """Sessions, eight at once, until both workers have taken some (or ``rounds`` ran out)."""
+    for _ in range(rounds):
+        clients = await asyncio.gather(*(connect(bridge.target) for _ in range(8)))
+        await asyncio.gather(*(c.negotiate() for c in clients))
+        await asyncio.gather(*(session(c) for c in clients))
+        counts = await by_worker(bridge)
+        if len(counts) == 2 and min(counts.values()) > 0:
+            break
+    return counts
+
+
+async def one_on_each(
+    bridge: BridgeProcess,
+) -> tuple[dict[int, MtaClient], list[MtaClient]]:
+    """A negotiated connection held open on each worker, by its pid, and those that
+    landed on a worker already holding one."""
+    held: dict[int, MtaClient] = {}
+    extra: list[MtaClient] = []
+    for _ in range(50):
+        before = await by_worker(bridge)
+        client = await connect(bridge.target)
+        await client.negotiate()  # the worker counted it on accept, before this answer
+        after = await by_worker(bridge)
+        pid = next(p for p in after if after[p] > before.get(p, 0))
+        if pid in held:
+            extra.append(client)
+        else:
+            held[pid] = client
+        if len(held) == 2:
+            return held, extra
+    msg = f"50 connections, all on one worker: {held}"
+    raise AssertionError(msg)
+
+
+LISTENERS = ["inet:127.0.0.1:0", "inet6:[::1]:0", "unix:TMP/bridge.sock"]
+
+
+@pytest.mark.parametrize("workers", LISTENERS, indirect=True, ids=["inet", "inet6", "unix"])
+async def test_both_workers_serve_each_kind_of_listener(workers: BridgeProcess) -> None:
+    counts = await spread(workers)
+    assert len(counts) == 2, counts
+    assert min(counts.values()) > 0, counts
+    assert set(counts) <= {p for p in counts if p != workers.pid}  # workers, not the supervisor
+    # The aggregated counters add up the workers' own.
+    assert await one(workers, "milter_bridge_connections_total") == sum(counts.values())
+    assert await one(workers, "milter_bridge_workers") == 2
+
+
+async def test_max_connections_counts_the_whole_bridge(
+    policy: PolicyServer, tmp_path: Path
+) -> None:
+    bridge = BridgeProcess(
+        tmp_path / "bridge.sock",
+        policy.target,
+        "--workers",
+        "2",
+        "--max-connections",
+        "4",
+        *METRICS,
+        tcp=True,
+    )
+    await bridge.start()
+    try:
+        await until(lambda: _ready(bridge), "both workers ready")
+        held = []
+        for _ in range(4):
+            client = await connect(bridge.target)
+            await client.negotiate()
+            held.append(client)
+        assert await one(bridge, "milter_bridge_connections_open") == 4
+        # Whichever worker takes them, each further connection is closed at once.
+        for _ in range(10):
+            extra = await connect(bridge.target)
+            assert await extra.closed_by_peer()
+            await extra.close()
+        refused = await by_reason(bridge)
+        assert refused == {"limit": 10}
+        # One closes; the bridge takes a connection again.
+        await held.pop().close()
+        await until(lambda: _open_is(bridge, 3), "the closed connection given back", timeout=10)
+        again = await connect(bridge.target)
+        await again.negotiate()
+        await session(again)
+        for client in held:
+            await session(client)
+    finally:
+        await bridge.stop()
+
+
+async def _open_is(bridge: BridgeProcess, count: int) -> bool:
+    return await one(bridge, "milter_bridge_connections_open") == count
+
+
+async def by_reason(bridge: BridgeProcess) -> dict[str, float]:
+    from tests.runtime.workers import samples  # noqa: PLC0415
+
+    found = await samples(bridge, "milter_bridge_connections_refused_total")
+    return {dict(labels)["reason"]: value for labels, value in found.items()}
+
+
+async def test_a_killed_worker_is_replaced_while_the_other_serves(
+    workers: BridgeProcess,
+) -> None:
+    await spread(workers)
+    held, extra = await one_on_each(workers)
+    for client in extra:
+        await session(client)
+    victim, survivor = sorted(held)
+    os.kill(victim, signal.SIGKILL)
+    assert await held[victim].closed_by_peer()  # lost with its worker: the MTA's default
+    await held[victim].close()
+    # The other worker goes on with its session and takes new ones.
+    await session(held[survivor])
+    fresh = await connect(workers.target)
+    await fresh.negotiate()
+    await session(fresh)
+    # The worker comes back: a new pid, both ready, and it takes sessions too.
+    await until(lambda: _replaced(workers, victim), "a new worker in the killed one's place")
+    await until(lambda: _ready(workers), "ready again")
+    counts = await spread(workers)
+    assert victim not in counts
+    assert survivor in counts
+    assert min(counts.values()) > 0, counts
+    assert await one(workers, "milter_bridge_worker_restarts_total") == 1
+    assert f"(pid {victim}) was killed by SIGKILL" in workers.log()
+
+
+async def _replaced(bridge: BridgeProcess, gone: int) -> bool:
+    counts = await by_worker(bridge)
+    return len(counts) == 2 and gone not in counts
+
+
+async def test_sigterm_drains_both_workers(workers: BridgeProcess) -> None:
+    await spread(workers)
+    held, extra = await one_on_each(workers)
+    for client in [*held.values(), *extra]:
+        assert await client.command(*h.connect()) == [r.Continue()]
+    workers.signal(signal.SIGTERM)
+    # Barrier: both workers have closed their listeners, and so has the supervisor.
+    await until(lambda: _logged(workers, "no new connections", 2), "both workers stop accepting")
+    with pytest.raises(ConnectionRefusedError):
+        await connect(workers.target)
+    # The sessions in flight on both workers go on to the end.
+    for client in [*held.values(), *extra]:
+        assert await client.command(*h.eom()) == [r.Continue()]
+        await client.send(cmd.Quit())
+        assert await client.closed_by_peer()
+        await client.close()
+    assert await workers.wait() == 0
+    log = workers.log()
+    assert log.count("exited with status 0") == 2
+    assert " ERROR " not in log
+
+
+async def _logged(bridge: BridgeProcess, text: str, count: int) -> bool:
+    return bridge.log().count(text) >= count
+
+
+async def test_workers_stop_when_the_supervisor_is_gone(workers: BridgeProcess) -> None:
+    pids = list(await spread(workers))
+    workers.signal(signal.SIGKILL)
+    assert await workers.wait() == -signal.SIGKILL
+    # Each worker sees its supervisor's pipe end, drains (nothing open) and exits.
+    await until(lambda: _all_gone(pids), "the orphaned workers exit")
+    assert workers.log().count("the supervisor is gone: stopping") == 2
+
+
+async def _all_gone(pids: list[int]) -> bool:
+    return not any(alive(pid) for pid in pids)
