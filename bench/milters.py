@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.idle import wait_until_negotiating
 from bench.install import C_HEADER_EOM, C_POLICY, compile_milter
-from bench.processes import Process
+from bench.processes import Cores, Process
 
 READY_TIMEOUT = 30.0  # seconds for a milter to answer OPTNEG after it was started
 
@@ -79,7 +79,7 @@ def started(
     milter: Milter,
     directory: Path,
     *,
-    core: int,
+    core: Cores,
     marker: str,
     binaries: Binaries | None = None,
 ) -> Iterator[Running]:

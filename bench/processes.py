@@ -91,9 +91,16 @@ def check_cores(*cores: int) -> None:
         raise BenchFailure(msg)
 
 
-def pinned(core: int, argv: Sequence[str]) -> list[str]:
+Cores = int | tuple[int, ...]  # one core, or a set of them a process may run on
+
+
+def listed(cores: Cores) -> tuple[int, ...]:
+    return (cores,) if isinstance(cores, int) else cores
+
+
+def pinned(core: Cores, argv: Sequence[str]) -> list[str]:
     """``argv`` run under ``taskset -c core``; taskset execs it, so the pid stays the same."""
-    return ["taskset", "-c", str(core), *argv]
+    return ["taskset", "-c", ",".join(str(c) for c in listed(core)), *argv]
 
 
 class Process:
@@ -104,7 +111,7 @@ class Process:
         name: str,
         argv: Sequence[str],
         *,
-        core: int,
+        core: Cores,
         log_dir: Path,
         stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:

@@ -25,7 +25,7 @@ from bench.idle import memory_per_connection
 from bench.install import ensure_prerequisites
 from bench.load import Load, check, run_load
 from bench.milters import MILTERS, Binaries, Milter, Running, build, started
-from bench.processes import BenchFailure, check_cores, steal_seconds
+from bench.processes import BenchFailure, Cores, check_cores, listed, steal_seconds
 from bench.report import Measurement, Row, markdown, raw
 
 WARM_UP_MESSAGES = 100
@@ -140,9 +140,9 @@ def measure_milter(
 
 
 def measure_run(
-    m: Running, load: Load, run: int, *, milter_core: int, load_core: int
+    m: Running, load: Load, run: int, *, milter_core: Cores, load_core: int
 ) -> tuple[Measurement, dict[str, Any]]:
-    cores = (milter_core, load_core)
+    cores = (*listed(milter_core), load_core)
     stolen = [steal_seconds(core) for core in cores]
     before = {p.name: p.cpu_seconds() for p in m.processes}
     report = run_load(m.target, load, core=load_core)

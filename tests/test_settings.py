@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -122,6 +123,17 @@ def test_every_setting_three_ways(
         {"flag": "flag", "env": "env", "file": "config file"}[way]
     )
     config_from(result)  # valid
+
+
+@pytest.mark.parametrize("way", ["flag", "env"])
+def test_workers_auto_is_the_cores_this_process_may_use(way: str) -> None:
+    argv, environ = list(REQUIRED), {}
+    if way == "flag":
+        argv += ["--workers", "auto"]
+    else:
+        environ["MILTER_BRIDGE_WORKERS"] = "auto"
+    config = config_from(loaded(argv, environ))
+    assert config.workers == len(os.sched_getaffinity(0))
 
 
 def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:

@@ -106,3 +106,30 @@ def test_the_benchmark_makes_every_row_with_checked_outcomes(tmp_path: Path) -> 
     assert result.stdout == table
     for milter in MILTERS.values():
         assert table.count(f"| {milter.label} |") == 4  # two rows and two ratio rows
+
+
+def test_the_workers_benchmark_checks_both_rows(tmp_path: Path) -> None:
+    """``bench.workers``: --workers 1 and 2 on the same cores, every outcome checked."""
+    require(commands=("taskset",))
+    cores = sorted(os.sched_getaffinity(0))
+    out = tmp_path / "workers.md"
+    argv = [
+        *(sys.executable, "-m", "bench.workers", "--out", str(out)),
+        *("--seconds", "1", "--runs", "1", "--concurrency", "8"),
+        *("--milter-cores", ",".join(map(str, cores[:2])), "--load-core", str(cores[-1])),
+    ]
+    result = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, check=False, timeout=110
+    )
+    assert result.returncode == 0, result.stderr
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert {m["milter"] for m in raw["measurements"]} == {"bridge-1w", "bridge-2w"}
+    for m in raw["measurements"]:
+        assert (m["outcomes"], m["modifications"]) == expected(m["messages"], SHARE), m
+        assert m["messages"] > 0
+        assert m["cpu_s"]["bridge"] > 0
+        assert m["cpu_s"]["policy"] > 0
+    table = out.read_text()
+    assert result.stdout == table
+    assert "| 1 | 8 |" in table
+    assert "| 2 | 8 |" in table

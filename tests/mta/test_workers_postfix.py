@@ -50,7 +50,7 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[tuple[BridgeProcess, Post
     sink = SmtpSink()
     await sink.start()
     # Postfix's own users must reach the instance: pytest's tmp_path is 0700.
-    base = Path(tempfile.mkdtemp(prefix="milter-bridge-workers-"))
+    base = Path(tempfile.mkdtemp(prefix="milter-bridge-postfix-workers-"))
     base.chmod(0o755)
     postfix = Postfix(base, "", sink.port)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -20,16 +21,18 @@ class BridgeProcess:
         *flags: str,
         tcp: bool = False,
         listen: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         """Listens on the unix socket ``socket_path``, or with ``tcp`` on a loopback port
         of its choosing, or on ``listen`` (port 0: ``target`` names the port once
-        started); the log is beside the socket."""
+        started); the log is beside the socket. ``env``: variables added to its environment."""
         self.socket_path = socket_path
         self.log_path = socket_path.with_suffix(".log")
         listen = listen or ("inet:127.0.0.1:0" if tcp else f"unix:{socket_path}")
         self.tcp = not listen.startswith("unix:")
         self.port = 0
         self.address = listen
+        self.env = {**os.environ, **(env or {})}
         self.argv = [
             sys.executable,
             "-m",
@@ -50,7 +53,9 @@ class BridgeProcess:
 
     async def start(self) -> None:
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
         if self.tcp:
             await self._listening_on_a_port()
             return

@@ -1,4 +1,4 @@
-"""``--workers 2``: one listen socket (inet, inet6, unix) served by two forked workers.
+"""``--workers 2``: one listen socket (inet, inet6, unix) served by two workers.
 
 Connections spread over both; ``--max-connections`` holds for the whole bridge;
 a killed worker is replaced while the other serves; SIGTERM drains both; and
@@ -18,6 +18,7 @@ import pytest
 
 from milter_bridge.protocol import commands as cmd
 from milter_bridge.protocol import replies as r
+from milter_bridge.server.workers import next_pause
 from tests.runtime.mta_client import MtaClient
 from tests.runtime.policy import PolicyServer
 from tests.runtime.process import BridgeProcess
@@ -33,9 +34,15 @@ async def workers(
 ) -> AsyncIterator[BridgeProcess]:
     """The bridge with two workers on ``listen`` (a parameter: inet by default)."""
     listen = getattr(request, "param", "inet:127.0.0.1:0").replace("TMP", str(tmp_path))
-    flags = getattr(request, "flags", ())
+    # Its private folder under tmp_path: a supervisor killed here cannot remove it.
     bridge = BridgeProcess(
-        tmp_path / "bridge.sock", policy.target, "--workers", "2", *METRICS, *flags, listen=listen
+        tmp_path / "bridge.sock",
+        policy.target,
+        "--workers",
+        "2",
+        *METRICS,
+        listen=listen,
+        env={"TMPDIR": str(tmp_path)},
     )
     await bridge.start()
     await until(lambda: _ready(bridge), "both workers ready")
@@ -222,7 +229,36 @@ async def test_workers_stop_when_the_supervisor_is_gone(workers: BridgeProcess) 
     # Each worker sees its supervisor's pipe end, drains (nothing open) and exits.
     await until(lambda: _all_gone(pids), "the orphaned workers exit")
     assert workers.log().count("the supervisor is gone: stopping") == 2
+    # What the supervisor could not remove: its private folder (and no worker's files).
+    (left,) = workers.socket_path.parent.glob("milter-bridge-workers-*")
+    assert (left / "board").exists()
 
 
 async def _all_gone(pids: list[int]) -> bool:
     return not any(alive(pid) for pid in pids)
+
+
+async def test_a_worker_dying_young_is_replaced_after_a_growing_pause(
+    workers: BridgeProcess,
+) -> None:
+    before = set(await by_worker(workers))
+    first = min(before)
+    os.kill(first, signal.SIGKILL)  # within 10 s of its start
+    await until(lambda: _replaced(workers, first), "the first replacement")
+    (second,) = set(await by_worker(workers)) - before
+    os.kill(second, signal.SIGKILL)
+    await until(lambda: _replaced(workers, second), "the second replacement")
+    await until(lambda: _ready(workers), "ready again")
+    log = workers.log()
+    lost = "was killed by SIGKILL; its MTA connections are lost; starting another"
+    assert f"(pid {first}) {lost} in 0.5s" in log
+    assert f"(pid {second}) {lost} in 1s" in log
+
+
+def test_the_pause_before_a_restart() -> None:
+    assert next_pause(0.0, lived=60.0) == 0.0  # a worker that ran a while: at once
+    pauses = [0.0]
+    for _ in range(8):
+        pauses.append(next_pause(pauses[-1], lived=1.0))
+    assert pauses[1:] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert next_pause(30.0, lived=10.0) == 0.0  # back to none once one lives

@@ -1,7 +1,7 @@
 """What the workers of one bridge share: open connections and readiness, one slot each.
 
-A file mapped by the supervisor before it forks, so every worker sees the same
-bytes. Each worker writes only its own slot; ``--max-connections`` counts the
+A file the supervisor creates and every worker maps (MAP_SHARED), so all
+see the same bytes. Each worker writes only its own slot; ``--max-connections`` counts the
 slots of all workers under a POSIX record lock on the same file (``lockf``),
 which the kernel releases when its holder dies, so a worker killed at any
 moment cannot leave the others locked out. The supervisor clears a dead
@@ -20,11 +20,22 @@ _SLOT = struct.Struct("=qq")  # open connections, ready (0 or 1)
 
 
 class Board:
-    def __init__(self, path: Path, workers: int) -> None:
+    def __init__(self, fd: int, workers: int) -> None:
         self.workers = workers
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self._fd, _SLOT.size * workers)
-        self._map = mmap.mmap(self._fd, _SLOT.size * workers)
+        self._fd = fd
+        self._map = mmap.mmap(fd, _SLOT.size * workers)
+
+    @classmethod
+    def create(cls, path: Path, workers: int) -> Board:
+        """The supervisor's: every slot empty."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.ftruncate(fd, _SLOT.size * workers)
+        return cls(fd, workers)
+
+    @classmethod
+    def attach(cls, path: Path, workers: int) -> Board:
+        """A worker's: the supervisor's board, as it is."""
+        return cls(os.open(path, os.O_RDWR), workers)
 
     def _slot(self, index: int) -> tuple[int, int]:
         opened, ready = _SLOT.unpack_from(self._map, index * _SLOT.size)

@@ -5,7 +5,7 @@ flight finish their SMTP sessions for up to ``grace_period`` seconds; those
 still open then are closed, and their MTAs apply their own milter default
 action. SIGHUP is logged and ignored (nothing is reloaded).
 
-With ``--workers N`` this is one worker (server/workers.py forks N of them).
+With ``--workers N`` this is one worker (server/workers.py starts N of them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The MTA listen socket, bound before any worker or event loop exists.
 
 One bound socket serves every worker: with ``--workers N`` the supervisor binds
-it and each forked worker accepts from the same socket, so the kernel's one
+it and each worker inherits it and accepts from it, so the kernel's one
 accept queue feeds all of them, a worker that dies leaves the queue to the
 others, and inet, inet6 and unix listeners all work the same way
 (SO_REUSEPORT would give each worker a queue of its own, lost with it, and

@@ -1,9 +1,14 @@
-"""``--workers N``: a supervisor and N forked worker processes sharing one listen socket.
+"""``--workers N``: a supervisor and N worker processes sharing one listen socket.
 
-The supervisor binds the MTA listener and the metrics socket, then forks the
-workers. It never creates a gRPC object, so each worker builds its own
-channel in a clean process (gRPC is not fork-safe once it runs). The kernel
-hands each new MTA connection to one worker from the shared accept queue.
+The supervisor binds the MTA listener and the metrics socket, then starts the
+workers. It never creates a gRPC object. Each worker is a fresh interpreter
+(``python -m milter_bridge.server.worker``, fork and exec) that inherits only
+the listen socket and two pipes, and builds its own gRPC channel. A plain fork
+would be fork-safe for gRPC as well, but the worker would hold copies of
+whatever the supervisor had open at that moment: an HTTP connection to
+/metrics then stays open, unanswered, until that worker ends (seen). The
+kernel hands each new MTA connection to one worker from the shared accept
+queue.
 
 - A worker that dies is logged and replaced; its MTA connections die with it
   (their MTAs apply their milter default action). A worker that dies soon after
@@ -16,6 +21,8 @@ hands each new MTA connection to one worker from the shared accept queue.
 - /metrics aggregates the workers (prometheus-client's multiprocess mode);
   /readyz is 200 only when every worker is running and ready.
 - A worker whose supervisor is gone (its pipe ends) drains and stops.
+- What a worker needs besides the descriptors (the Config, the board, the
+  metrics files) lies in a private folder (mkdtemp, 0700), removed at the end.
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,29 +44,33 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 
-from milter_bridge import logs
 from milter_bridge.config import Config
-from milter_bridge.metrics import HttpEndpoint, aggregated, use_multiprocess_values
+from milter_bridge.metrics import HttpEndpoint, aggregated
 from milter_bridge.server.board import Board
-from milter_bridge.server.bridge import Place, StartError, mta_settings, serve
+from milter_bridge.server.bridge import StartError, mta_settings
 from milter_bridge.server.listener import Listener, ListenError, bind
+from milter_bridge.server.worker import BOARD, CONFIG, WorkerSetup
 
 log = logging.getLogger("milter_bridge")
 
 KILL_AFTER = 10.0  # beyond the grace period, for a worker that does not stop
 QUICK_DEATH = 10.0  # a worker dead sooner than this after its start is replaced after a pause
-MAX_PAUSE = 30.0
+FIRST_PAUSE, MAX_PAUSE = 0.5, 30.0
 
 
 @dataclass
 class Worker:
     index: int
-    pid: int
+    process: subprocess.Popen[bytes]
     sentinel: int  # read end of a pipe only the worker holds open: EOF when it is gone
     started: float
     gone: asyncio.Future[int] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
 
 def supervise(config: Config) -> None:
@@ -68,7 +82,8 @@ def supervise(config: Config) -> None:
     folder = Path(tempfile.mkdtemp(prefix="milter-bridge-workers-"))
     try:
         metrics_sock = _metrics_socket(config)
-        board = Board(folder / "board", config.workers)
+        board = Board.create(folder / BOARD, config.workers)
+        (folder / CONFIG).write_bytes(pickle.dumps(WorkerSetup(config, listener.inode)))
         log.info(
             "listening on %s, policy at %s, %d workers",
             listener.address,
@@ -168,29 +183,29 @@ class Supervisor:
         if self.stopping:
             return
         sentinel_r, sentinel_w = os.pipe()
-        inherited = [sentinel_r, *(w.sentinel for w in self.workers.values())]
-        if self.metrics_sock is not None:
-            inherited.append(self.metrics_sock.fileno())
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns into the supervisor's loop
-            code = 1
-            try:
-                code = _worker(self, index, [*inherited, self.alive_w])
-            except BaseException:
-                log.exception("worker %d failed", index)
-            finally:
-                os._exit(code)
-        os.close(sentinel_w)
-        worker = Worker(index, pid, sentinel_r, time.monotonic())
+        listener = self.listener.sock.fileno()
+        argv = [sys.executable, "-m", "milter_bridge.server.worker", str(self.folder), str(index)]
+        argv += [str(fd) for fd in (listener, self.alive_r, sentinel_w)]
+        try:
+            child = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                argv, stdin=subprocess.DEVNULL, pass_fds=(listener, self.alive_r, sentinel_w)
+            )
+        except OSError as exc:  # e.g. EAGAIN: out of processes or memory for now
+            log.error("cannot start worker %d: %s; trying again in %gs", index, exc, MAX_PAUSE)
+            asyncio.get_running_loop().call_later(MAX_PAUSE, self._start, index)
+            return
+        finally:
+            os.close(sentinel_w)
+        worker = Worker(index, child, sentinel_r, time.monotonic())
         self.workers[index] = worker
         asyncio.get_running_loop().add_reader(sentinel_r, self._gone, worker)
-        log.info("worker %d started (pid %d)", index, pid)
+        log.info("worker %d started (pid %d)", index, child.pid)
 
     def _gone(self, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(worker.sentinel)
         os.close(worker.sentinel)
-        _, status = os.waitpid(worker.pid, 0)
+        status = worker.process.wait()
         del self.workers[worker.index]
         self.board.clear(worker.index)
         multiprocess.mark_process_dead(worker.pid, str(self.folder))  # type: ignore[no-untyped-call]
@@ -199,9 +214,7 @@ class Supervisor:
         if self.stopping:
             log.info("worker %d (pid %d) %s", worker.index, worker.pid, how)
             return
-        lived = time.monotonic() - worker.started
-        pause = self.pauses[worker.index]
-        pause = min(max(pause * 2, 0.5), MAX_PAUSE) if lived < QUICK_DEATH else 0.0
+        pause = next_pause(self.pauses[worker.index], time.monotonic() - worker.started)
         self.pauses[worker.index] = pause
         log.error(
             "worker %d (pid %d) %s; its MTA connections are lost; starting another%s",
@@ -229,29 +242,12 @@ class Supervisor:
             await asyncio.wait(late, timeout=5)
 
 
-def _exit_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+def next_pause(previous: float, lived: float) -> float:
+    """None after a worker that ran a while; after one that died young, 0.5 s, doubling."""
+    return min(max(previous * 2, FIRST_PAUSE), MAX_PAUSE) if lived < QUICK_DEATH else 0.0
 
 
-def _worker(supervisor: Supervisor, index: int, close: list[int]) -> int:
-    """The forked worker's life: its own signals, loop, gRPC channel and metrics files."""
-    signal.set_wakeup_fd(-1)  # the supervisor's loop's, shared after fork
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for fd in close:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    logs.in_worker(index)
-    use_multiprocess_values(str(supervisor.folder))
-    place = Place(supervisor.board, index)
-    try:
-        asyncio.run(serve(supervisor.config, supervisor.listener, place, supervisor.alive_r))
-    except StartError as exc:
-        log.error("worker %d: %s", index, exc)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    return 0
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
