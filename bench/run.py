@@ -117,10 +117,7 @@ def measure_milter(
     with started(
         milter, directory, core=args.milter_core, marker=shape.marker, binaries=binaries
     ) as m:
-        # Warm-up: connections, threads and lazy imports set up once, and a first check
-        # that the milter answers right before anything is measured.
-        warm = Load(concurrency=8, count=WARM_UP_MESSAGES)
-        check(run_load(m.target, warm, core=args.load_core), warm.marker_share, "warm-up")
+        warm_up(m, args.load_core)
         idle = memory_per_connection(str(m.socket), m.processes, args.idle_connections)
         _say(f"{milter.key}: {sum(idle.values()) / 1024:.1f} KiB per idle connection")
         for concurrency in args.concurrency:
@@ -137,6 +134,13 @@ def measure_milter(
                     f" {measurement.cpu_us_per_message():,.0f} µs CPU/msg"
                 )
     return measurements, idle
+
+
+def warm_up(m: Running, load_core: int) -> None:
+    """Connections, threads and lazy imports set up once, and a first check that the
+    milter answers right, before anything is measured."""
+    warm = Load(concurrency=8, count=WARM_UP_MESSAGES)
+    check(run_load(m.target, warm, core=load_core), warm.marker_share, "warm-up")
 
 
 def measure_run(

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.load import Load, check, run_load
+from bench.load import Load
 from bench.milters import BRIDGE, Milter, started
 from bench.processes import BenchFailure, check_cores
 from bench.report import Measurement
-from bench.run import WARM_UP_MESSAGES, machine, measure_run
+from bench.run import machine, measure_run, warm_up
 
 WORKERS = (1, 2)
 TIMES, DASH = "\N{MULTIPLICATION SIGN}", "\N{EN DASH}"
@@ -71,8 +71,7 @@ def measure(args: argparse.Namespace, directory: Path) -> list[Measurement]:
     shape = Load(concurrency=1)
     for workers in WORKERS:
         with started(milter(workers), directory, core=args.milter_cores, marker=shape.marker) as m:
-            warm = Load(concurrency=8, count=WARM_UP_MESSAGES)
-            check(run_load(m.target, warm, core=args.load_core), warm.marker_share, "warm-up")
+            warm_up(m, args.load_core)
             for concurrency in args.concurrency:
                 for run in range(1, args.runs + 1):
                     load = Load(concurrency=concurrency, seconds=args.seconds)

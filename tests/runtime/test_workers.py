@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from milter_bridge.server.workers import next_pause
 from tests.runtime.mta_client import MtaClient
 from tests.runtime.policy import PolicyServer
 from tests.runtime.process import BridgeProcess
-from tests.runtime.workers import alive, by_worker, connect, one, ready, until
+from tests.runtime.workers import alive, by_worker, connect, metrics_port, one, ready, until
 from tests.session import harness as h
 
 METRICS = ("--metrics-listen", "127.0.0.1:0")
@@ -52,6 +54,10 @@ async def workers(
 
 async def _ready(bridge: BridgeProcess) -> bool:
     return await ready(bridge) == 200
+
+
+async def _not_ready(bridge: BridgeProcess) -> bool:
+    return await ready(bridge) == 503
 
 
 async def session(mta: MtaClient) -> None:
@@ -110,6 +116,8 @@ async def test_both_workers_serve_each_kind_of_listener(workers: BridgeProcess) 
     # The aggregated counters add up the workers' own.
     assert await one(workers, "milter_bridge_connections_total") == sum(counts.values())
     assert await one(workers, "milter_bridge_workers") == 2
+    # The supervisor runs no gRPC object (gRPC would start threads): one thread.
+    assert len(list(Path(f"/proc/{workers.pid}/task").iterdir())) == 1
 
 
 async def test_max_connections_counts_the_whole_bridge(
@@ -247,6 +255,8 @@ async def test_a_worker_dying_young_is_replaced_after_a_growing_pause(
     await until(lambda: _replaced(workers, first), "the first replacement")
     (second,) = set(await by_worker(workers)) - before
     os.kill(second, signal.SIGKILL)
+    # For the pause (1 s) and the new worker's start, one worker is missing: not ready.
+    await until(lambda: _not_ready(workers), "/readyz 503 while a worker is missing", 1.0)
     await until(lambda: _replaced(workers, second), "the second replacement")
     await until(lambda: _ready(workers), "ready again")
     log = workers.log()
@@ -262,3 +272,43 @@ def test_the_pause_before_a_restart() -> None:
         pauses.append(next_pause(pauses[-1], lived=1.0))
     assert pauses[1:] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert next_pause(30.0, lived=10.0) == 0.0  # back to none once one lives
+
+
+async def test_sighup_is_logged_and_ignored(workers: BridgeProcess) -> None:
+    pids = set(await spread(workers))
+    workers.signal(signal.SIGHUP)
+    os.kill(min(pids), signal.SIGHUP)
+    await until(lambda: _logged(workers, "SIGHUP ignored: nothing is reloaded", 2), "both logged")
+    counts = await spread(workers)
+    assert set(counts) == pids  # the same workers, serving
+    assert await one(workers, "milter_bridge_worker_restarts_total") == 0
+
+
+@pytest.mark.parametrize("workers", ["unix:TMP/bridge.sock"], indirect=True, ids=["unix"])
+async def test_a_taken_address_stops_the_supervisor_at_start(
+    workers: BridgeProcess, policy: PolicyServer, tmp_path: Path
+) -> None:
+    """As one process does: exit status 1, the setting named, the first instance unharmed."""
+    port = metrics_port(workers)
+    cases = [
+        (("--listen", workers.target), "--listen: another process listens on"),
+        (
+            ("--listen", f"unix:{tmp_path}/other.sock", "--metrics-listen", f"127.0.0.1:{port}"),
+            f"milter-bridge: --metrics-listen 127.0.0.1:{port}: ",
+        ),
+    ]
+    for flags, message in cases:
+        argv = [sys.executable, "-m", "milter_bridge", "--upstream", policy.target, "--workers"]
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [*argv, "2", *flags],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 1
+        assert message in result.stderr
+    assert not (tmp_path / "other.sock").exists()
+    counts = await spread(workers)
+    assert min(counts.values()) > 0

@@ -75,13 +75,15 @@ class Worker:
 
 def supervise(config: Config) -> None:
     """Run the bridge as a supervisor and ``config.workers`` workers, until SIGTERM."""
+    metrics_sock = _metrics_socket(config)  # first, as in one process: then the listener
     try:
         listener = bind(config)
     except ListenError as exc:
+        if metrics_sock is not None:
+            metrics_sock.close()
         raise StartError(str(exc)) from exc
     folder = Path(tempfile.mkdtemp(prefix="milter-bridge-workers-"))
     try:
-        metrics_sock = _metrics_socket(config)
         board = Board.create(folder / BOARD, config.workers)
         (folder / CONFIG).write_bytes(pickle.dumps(WorkerSetup(config, listener.inode)))
         log.info(
