@@ -312,3 +312,32 @@ async def test_a_taken_address_stops_the_supervisor_at_start(
     assert not (tmp_path / "other.sock").exists()
     counts = await spread(workers)
     assert min(counts.values()) > 0
+
+
+async def test_a_worker_stopped_on_its_own_is_replaced_after_a_second(
+    workers: BridgeProcess,
+) -> None:
+    """A worker SIGTERMed alone drains and exits 0; the supervisor starts another after 1 s
+    (when every process gets the signal at once, the supervisor's own comes first)."""
+    before = set(await by_worker(workers))
+    stopped = min(before)
+    os.kill(stopped, signal.SIGTERM)
+    await until(lambda: _replaced(workers, stopped), "a new worker in the stopped one's place")
+    await until(lambda: _ready(workers), "ready again")
+    assert f"(pid {stopped}) stopped on its own; starting another in 1s" in workers.log()
+    assert " ERROR " not in workers.log()
+
+
+async def test_sigterm_to_every_process_at_once_starts_no_worker(
+    workers: BridgeProcess,
+) -> None:
+    """As systemd's stop does (KillMode=control-group)."""
+    pids = list(await by_worker(workers))
+    for pid in [workers.pid, *pids]:
+        os.kill(pid, signal.SIGTERM)
+    assert await workers.wait() == 0
+    log = workers.log()
+    after = log.partition("signal received: stopping")[2]  # the supervisor's or a worker's
+    assert after
+    assert " started (pid" not in after
+    assert " ERROR " not in log

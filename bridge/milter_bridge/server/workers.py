@@ -56,6 +56,7 @@ log = logging.getLogger("milter_bridge")
 KILL_AFTER = 10.0  # beyond the grace period, for a worker that does not stop
 QUICK_DEATH = 10.0  # a worker dead sooner than this after its start is replaced after a pause
 FIRST_PAUSE, MAX_PAUSE = 0.5, 30.0
+CLEAN_EXIT_PAUSE = 1.0  # before starting another after a worker that exited 0
 
 
 @dataclass
@@ -218,13 +219,25 @@ class Supervisor:
             return
         pause = next_pause(self.pauses[worker.index], time.monotonic() - worker.started)
         self.pauses[worker.index] = pause
-        log.error(
-            "worker %d (pid %d) %s; its MTA connections are lost; starting another%s",
-            worker.index,
-            worker.pid,
-            how,
-            f" in {pause:g}s" if pause else "",
-        )
+        if status == 0:
+            # It drained and stopped on a signal of its own. systemd (KillMode=control-group)
+            # or a Ctrl-C signals every process at once: the supervisor's own signal is
+            # due, and then no worker is started again.
+            pause = max(pause, CLEAN_EXIT_PAUSE)
+            log.warning(
+                "worker %d (pid %d) stopped on its own; starting another in %gs",
+                worker.index,
+                worker.pid,
+                pause,
+            )
+        else:
+            log.error(
+                "worker %d (pid %d) %s; its MTA connections are lost; starting another%s",
+                worker.index,
+                worker.pid,
+                how,
+                f" in {pause:g}s" if pause else "",
+            )
         self.restarts.inc()
         loop.call_later(pause, self._start, worker.index)
 
