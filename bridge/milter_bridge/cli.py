@@ -9,7 +9,6 @@ for a policy's capabilities, by libmilter flag name.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -24,7 +23,7 @@ from milter_bridge.embedded import EMBEDDED, embedded_policy
 from milter_bridge.load import command as load_command
 from milter_bridge.protocol.commands import OptionNegotiation
 from milter_bridge.protocol.constants import ActionFlag, ProtocolFlag
-from milter_bridge.server.bridge import StartError, serve
+from milter_bridge.server.bridge import StartError, run, serve
 from milter_bridge.server.workers import supervise
 from milter_bridge.session.negotiation import negotiate
 from milter_bridge.session.plan import InvalidCapabilitiesError, Plan
@@ -185,16 +184,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0911 - one exit per 
 def _run(config: Config) -> None:
     if config.workers > 1:
         supervise(config)
-        return
-    try:
-        import uvloop  # type: ignore[import-not-found]  # noqa: PLC0415 - optional speed-up
-    except ImportError:
-        run = asyncio.run
     else:
-        run = uvloop.run
-    # Outside the except block: every exception raised in the loop would
-    # otherwise carry the ImportError as its context (and show it in tracebacks).
-    run(serve(config))
+        run(serve(config))
 
 
 if __name__ == "__main__":

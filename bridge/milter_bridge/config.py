@@ -28,6 +28,7 @@ from enum import Enum
 from typing import TypeVar
 
 from milter_bridge.options import (
+    MAX_WORKERS,
     PEM_CERTIFICATE,
     PEM_KEY,
     check_all,
@@ -205,8 +206,9 @@ def _show_staged(values: Mapping[Stage, object]) -> str:
 
 
 def cores() -> int:
-    """The cores this process may run on (its CPU affinity: taskset, cpusets)."""
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on (its CPU affinity: taskset, cpusets), at most
+    MAX_WORKERS."""
+    return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
 
 
 def _target(value: str) -> str | None:
@@ -272,7 +274,7 @@ class Config:
         check=worker_count,
         metavar="N|auto",
         help="processes serving MTA connections, sharing the listen socket, each with its own"
-        " policy channel; auto: one per core this process may run on",
+        " policy channel; auto: one per core this process may run on (at most 64)",
     )
     deadlines: Mapping[Stage, float] = option(
         name="deadline",

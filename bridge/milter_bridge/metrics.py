@@ -13,19 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import logging
 import socket
 from collections.abc import Callable
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-    values,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 
 # Why a failure action was applied (failure_actions_total{cause}).
@@ -41,6 +33,7 @@ CAUSES = (
     "invalid_reply",
     "refused_modification",  # a modification not negotiated or not valid
 )
+log = logging.getLogger("milter_bridge")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 
 
@@ -131,20 +124,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def use_multiprocess_values(folder: str) -> None:
-    """Metrics created from now on in this process (a worker) write to files in
-    ``folder``, which the supervisor aggregates (prometheus-client's multiprocess mode)."""
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
-
-
-def aggregated(folder: str, registry: CollectorRegistry) -> Callable[[], bytes]:
-    """The supervisor's /metrics: its own ``registry`` and every worker's metrics in
-    ``folder``, the counters of workers gone included."""
-    multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
-    return lambda: generate_latest(registry)
-
-
 class HttpEndpoint:
     """A minimal HTTP/1.0 server for the three paths (no dependency beyond asyncio)."""
 
@@ -164,13 +143,21 @@ class HttpEndpoint:
         if self._server is not None:
             self._server.close()
 
+    def _metrics(self) -> bytes:
+        """The rendered metrics, or nothing (a 500) when they cannot be read."""
+        try:
+            return self.render()
+        except Exception:  # a metrics file unreadable: the scrape fails, not the endpoint
+            log.exception("/metrics failed")
+            return b""
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5)
             parts = request.decode("latin-1").split()
             path = parts[1] if len(parts) > 1 else ""
             if path == "/metrics":
-                status, body, kind = 200, self.render(), CONTENT_TYPE_PLAIN_0_0_4
+                status, body, kind = 200, self._metrics(), CONTENT_TYPE_PLAIN_0_0_4
             elif path == "/healthz":
                 status, body, kind = 200, b"ok\n", "text/plain"
             elif path == "/readyz":
@@ -180,7 +167,11 @@ class HttpEndpoint:
                 )
             else:
                 status, body, kind = 404, b"not found\n", "text/plain"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            if not body:
+                status, body, kind = 500, b"metrics unavailable, see the log\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}.get(
+                status, "Service Unavailable"
+            )
             head = f"HTTP/1.0 {status} {reason}\r\nContent-Type: {kind}\r\n"
             head += f"Content-Length: {len(body)}\r\n\r\n"
             writer.write(head.encode() + body)

@@ -108,6 +108,7 @@ async def started_world(workers: int) -> AsyncIterator[World]:
         "postfix": Postfix(base / "postfix", f"inet:127.0.0.1:{port}", sink.port),
         "sendmail": Sendmail(base / "sendmail", f"inet:{port}@127.0.0.1", sink.port, sendmail_tree),
     }
+    log = ""
     try:
         for mta in mtas.values():
             await mta.start()
@@ -119,10 +120,11 @@ async def started_world(workers: int) -> AsyncIterator[World]:
             await bridge.stop()
         if process is not None:
             await process.stop()
-            assert " ERROR " not in process.log(), process.log()
+            log = process.log()
         await server.stop()
         await sink.stop()
         shutil.rmtree(base, ignore_errors=True)
+    assert " ERROR " not in log, log
 
 
 async def _ready(process: BridgeProcess) -> bool:

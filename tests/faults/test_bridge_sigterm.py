@@ -25,6 +25,8 @@ from tests.faults.fleet import (
     until_messages_ended,
 )
 from tests.faults.record import SHUTDOWN_LINE, Probe, Row, scale
+from tests.runtime.process import BridgeProcess
+from tests.runtime.workers import ready, until
 
 REFUSED = "connection failed"  # the load tool's outcome for a refused connect()
 # A connect() that the kernel queued just before the listener closed is then reset:
@@ -44,7 +46,19 @@ WORKERS = ["1", "2"]
 
 
 def named(row: str, workers: str) -> str:
-    return row if workers == "1" else f"{row}, {workers} workers"
+    """With workers, the row's descriptors and memory are the supervisor's."""
+    return row if workers == "1" else f"{row}, {workers} workers (fds, RSS: the supervisor's)"
+
+
+async def all_ready(bridge: BridgeProcess, workers: str) -> None:
+    """Barrier: the supervisor's socket accepts before its workers run; /readyz says
+    when every worker knows the policy."""
+    if workers != "1":
+        await until(lambda: _ready(bridge), "every worker ready")
+
+
+async def _ready(bridge: BridgeProcess) -> bool:
+    return await ready(bridge) == 200
 
 
 @pytest.mark.parametrize("workers", WORKERS)
@@ -54,6 +68,7 @@ async def test_in_flight_sessions_finish_with_the_policys_verdicts(
     flags = (*policy_path, "--deadline", "5", "--metrics-listen", "127.0.0.1:0")
     flags += ("--workers", workers)
     async with fleet(tmp_path, *flags) as (_, bridge):
+        await all_ready(bridge, workers)
         before = Probe.take(bridge)
         count = scale(400)
         # Four messages per SMTP session: sessions in flight at SIGTERM have more to send.
@@ -98,6 +113,7 @@ async def test_after_the_grace_period_the_failure_action(
         workers,
     )
     async with fleet(tmp_path, *flags) as (policy, bridge):
+        await all_ready(bridge, workers)
         # Warm: the bridge knows the policy's capabilities before it stops answering.
         assert answered_by_the_policy(await load(bridge, 10))
         before = Probe.take(bridge)

@@ -14,9 +14,12 @@ import fcntl
 import mmap
 import os
 import struct
+import time
 from pathlib import Path
 
-_SLOT = struct.Struct("=qq")  # open connections, ready (0 or 1)
+_SLOT = struct.Struct("=qd")  # open connections, ready until (time.monotonic(); 0: not ready)
+_READY = struct.Struct("=d")
+READY_FOR = 2.0  # seconds a worker's "ready" holds unless it says so again
 
 
 class Board:
@@ -37,11 +40,11 @@ class Board:
         """A worker's: the supervisor's board, as it is."""
         return cls(os.open(path, os.O_RDWR), workers)
 
-    def _slot(self, index: int) -> tuple[int, int]:
+    def _slot(self, index: int) -> tuple[int, float]:
         opened, ready = _SLOT.unpack_from(self._map, index * _SLOT.size)
-        return int(opened), int(ready)
+        return int(opened), float(ready)
 
-    def _write(self, index: int, opened: int, ready: int) -> None:
+    def _write(self, index: int, opened: int, ready: float) -> None:
         _SLOT.pack_into(self._map, index * _SLOT.size, opened, ready)
 
     def open_connections(self) -> int:
@@ -69,17 +72,21 @@ class Board:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def set_ready(self, index: int, *, ready: bool) -> None:
-        # A single 8-byte aligned store; readers see the old or the new value.
-        struct.pack_into("=q", self._map, index * _SLOT.size + 8, 1 if ready else 0)
+        """Said every READY_INTERVAL by the worker: a worker whose loop hangs stops
+        being ready READY_FOR seconds later. CLOCK_MONOTONIC is one clock for every
+        process of the host. A single 8-byte aligned store: readers see the old or
+        the new value."""
+        until = time.monotonic() + READY_FOR if ready else 0.0
+        _READY.pack_into(self._map, index * _SLOT.size + 8, until)
 
     def ready(self, index: int) -> bool:
-        return self._slot(index)[1] == 1
+        return self._slot(index)[1] > time.monotonic()
 
     def clear(self, index: int) -> None:
         """The slot of a worker that is gone (its connections died with it)."""
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
-            self._write(index, 0, 0)
+            self._write(index, 0, 0.0)
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
 

@@ -17,8 +17,9 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -36,6 +37,7 @@ from milter_bridge.upstream.shared import sessions_method
 
 log = logging.getLogger("milter_bridge")
 READY_INTERVAL = 0.5  # how often a worker puts its readiness on the board
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class StartError(Exception):
@@ -168,16 +170,16 @@ class Bridge:
             log.warning("conn=%s: refused: %s (the MTA applies its default action)", conn_id, why)
             writer.close()
             return
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self.metrics.connections.inc()
         self.metrics.connections_open.inc()
         self.metrics.worker_connections.inc()
-        try:
+        try:  # from here on, the connection taken is given back whatever happens
+            sock = writer.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = MtaConnection(
                 conn_id,
                 reader,
@@ -261,6 +263,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_for, "signal received")
     loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP ignored: nothing is reloaded")
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # held back until now: see run()
     if supervisor is not None:
         loop.add_reader(supervisor, stop_for, "the supervisor is gone")
     await stop.wait()
@@ -268,6 +271,26 @@ async def serve(
         loop.remove_reader(supervisor)
     log.info("%s: stopping", why[0])
     await bridge.stop()
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` (serve or the supervisor) in an event loop, uvloop's when installed.
+
+    SIGTERM, SIGINT and SIGHUP are blocked from here until ``main`` has its handlers:
+    one that arrives while the bridge starts (binding, importing, connecting) is then
+    handled, not fatal (SIGHUP's default ends a process). A worker inherits the
+    blocked signals from its supervisor across exec and unblocks them the same way.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        import uvloop  # type: ignore[import-not-found]  # noqa: PLC0415 - optional speed-up
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    # Outside the except block: every exception raised in the loop would
+    # otherwise carry the ImportError as its context (and show it in tracebacks).
+    runner(main)
 
 
 def mta_settings(address: str) -> list[str]:

@@ -10,7 +10,6 @@ ends when this process does, which tells the supervisor.
 
 from __future__ import annotations
 
-import asyncio
 import pickle
 import socket
 import sys
@@ -19,10 +18,10 @@ from pathlib import Path
 
 from milter_bridge import logs
 from milter_bridge.config import Config
-from milter_bridge.metrics import use_multiprocess_values
 from milter_bridge.server.board import Board
-from milter_bridge.server.bridge import Place, serve
+from milter_bridge.server.bridge import Place, run, serve
 from milter_bridge.server.listener import Listener
+from milter_bridge.worker_metrics import use_multiprocess_values
 
 BOARD = "board"
 CONFIG = "config.pickle"
@@ -49,7 +48,7 @@ def main(argv: list[str]) -> int:
     sock.setblocking(False)
     listener = Listener(sock, config.listen, setup.inode)
     place = Place(Board.attach(path / BOARD, config.workers), int(index))
-    asyncio.run(serve(config, listener, place, int(alive_fd)))
+    run(serve(config, listener, place, int(alive_fd)))
     return 0
 
 

@@ -42,14 +42,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from milter_bridge.config import Config
-from milter_bridge.metrics import HttpEndpoint, aggregated
+from milter_bridge.metrics import HttpEndpoint
 from milter_bridge.server.board import Board
-from milter_bridge.server.bridge import StartError, mta_settings
+from milter_bridge.server.bridge import SIGNALS, StartError, mta_settings, run
 from milter_bridge.server.listener import Listener, ListenError, bind
 from milter_bridge.server.worker import BOARD, CONFIG, WorkerSetup
+from milter_bridge.worker_metrics import aggregated, fold_dead
 
 log = logging.getLogger("milter_bridge")
 
@@ -76,6 +77,8 @@ class Worker:
 
 def supervise(config: Config) -> None:
     """Run the bridge as a supervisor and ``config.workers`` workers, until SIGTERM."""
+    # Until run() has its handlers: a signal while binding waits (bridge.run explains).
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     metrics_sock = _metrics_socket(config)  # first, as in one process: then the listener
     try:
         listener = bind(config)
@@ -96,7 +99,7 @@ def supervise(config: Config) -> None:
         for line in mta_settings(listener.address):
             log.info("%s", line)
         try:
-            asyncio.run(Supervisor(config, listener, board, folder, metrics_sock).run())
+            run(Supervisor(config, listener, board, folder, metrics_sock).run())
         finally:
             board.close()
     finally:
@@ -157,6 +160,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP ignored: nothing is reloaded")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         render = aggregated(str(self.folder), self.registry)
         http = None
         if self.metrics_sock is not None:
@@ -166,11 +170,11 @@ class Supervisor:
             self._start(index)
         await stop.wait()
         log.info("signal received: stopping %d workers", len(self.workers))
-        self.stopping = True
-        if http is not None:
-            await http.stop()
+        self.stopping = True  # /readyz: 503 from now; /metrics and /healthz go on
         self.listener.sock.close()  # the socket closes when the last worker closes its copy
         await self._stop_workers()
+        if http is not None:
+            await http.stop()
         os.close(self.alive_w)
         os.close(self.alive_r)
         log.info("stopped")
@@ -189,16 +193,21 @@ class Supervisor:
         listener = self.listener.sock.fileno()
         argv = [sys.executable, "-m", "milter_bridge.server.worker", str(self.folder), str(index)]
         argv += [str(fd) for fd in (listener, self.alive_r, sentinel_w)]
+        # The worker starts with these signals blocked (kept across exec) and takes
+        # them once its handlers are in place; here they wait for a moment.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             child = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 argv, stdin=subprocess.DEVNULL, pass_fds=(listener, self.alive_r, sentinel_w)
             )
         except OSError as exc:  # e.g. EAGAIN: out of processes or memory for now
+            os.close(sentinel_r)
             log.error("cannot start worker %d: %s; trying again in %gs", index, exc, MAX_PAUSE)
             asyncio.get_running_loop().call_later(MAX_PAUSE, self._start, index)
             return
         finally:
             os.close(sentinel_w)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         worker = Worker(index, child, sentinel_r, time.monotonic())
         self.workers[index] = worker
         asyncio.get_running_loop().add_reader(sentinel_r, self._gone, worker)
@@ -211,7 +220,10 @@ class Supervisor:
         status = worker.process.wait()
         del self.workers[worker.index]
         self.board.clear(worker.index)
-        multiprocess.mark_process_dead(worker.pid, str(self.folder))  # type: ignore[no-untyped-call]
+        try:
+            fold_dead(str(self.folder), worker.pid)
+        except Exception:  # its metrics are not worth a worker: go on and start another
+            log.exception("the metrics files of worker %d (pid %d)", worker.index, worker.pid)
         worker.gone.set_result(status)
         how = _exit_status(status)
         if self.stopping:
@@ -263,6 +275,10 @@ def next_pause(previous: float, lived: float) -> float:
 
 
 def _exit_status(returncode: int) -> str:
-    if returncode < 0:
-        return f"was killed by {signal.Signals(-returncode).name}"
-    return f"exited with status {returncode}"
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:  # a real-time signal has no name of its own
+        name = f"signal {-returncode}"
+    return f"was killed by {name}"
