@@ -190,6 +190,23 @@ async def test_sigterm_lets_the_session_in_flight_finish(
     assert "stopped" in bridge.log()
 
 
+async def test_sighup_is_logged_and_ignored(
+    policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
+) -> None:
+    bridge = await start_bridge(bridge_factory, tmp_path, policy.target)
+    mta = await bridge.connect()
+    await mta.negotiate()
+    bridge.signal(signal.SIGHUP)  # its default would end the process, with no drain
+    async with asyncio.timeout(10):
+        while "SIGHUP ignored: nothing is reloaded" not in bridge.log():  # readiness: logged
+            await asyncio.sleep(0.02)
+    assert await mta.command(*h.connect()) == [r.Continue()]  # the session goes on
+    await mta.close()
+    await one_session(bridge)  # and new ones are taken
+    assert bridge.proc is not None
+    assert bridge.proc.poll() is None
+
+
 async def test_sigterm_closes_what_outlives_the_grace_period(
     policy: PolicyServer, bridge_factory: list[BridgeProcess], tmp_path: Path
 ) -> None:
