@@ -99,8 +99,12 @@ async def started_world(workers: int) -> AsyncIterator[World]:
             "127.0.0.1:0",
             tcp=True,
         )
-        await process.start()
-        await until(lambda: _ready(process), "every worker ready")
+        try:
+            await process.start()
+            await until(lambda: _ready(process), "every worker ready")
+        except BaseException:
+            await process.stop()
+            raise
         port = process.port
     sink = SmtpSink()
     await sink.start()

@@ -46,6 +46,7 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[tuple[BridgeProcess, Post
         "--metrics-listen",
         "127.0.0.1:0",
         tcp=True,
+        env={"TMPDIR": str(tmp_path)},
     )
     sink = SmtpSink()
     await sink.start()

@@ -48,10 +48,12 @@ async def workers(
         listen=listen,
         env={"TMPDIR": str(tmp_path)},
     )
-    await bridge.start()
-    await until(lambda: _ready(bridge), "both workers ready")
-    yield bridge
-    await bridge.stop()
+    try:
+        await bridge.start()
+        await until(lambda: _ready(bridge), "both workers ready")
+        yield bridge
+    finally:
+        await bridge.stop()
 
 
 async def _ready(bridge: BridgeProcess) -> bool:
@@ -134,9 +136,10 @@ async def test_max_connections_counts_the_whole_bridge(
         "4",
         *METRICS,
         tcp=True,
+        env={"TMPDIR": str(tmp_path)},
     )
-    await bridge.start()
     try:
+        await bridge.start()
         await until(lambda: _ready(bridge), "both workers ready")
         held = []
         for _ in range(4):
