@@ -47,6 +47,7 @@ class Slow:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.waiting: list[str] = []  # sessions whose handler waits for the release
+        self._arrived = asyncio.Condition()
         self.attempts: list[int] = []  # StreamStart.attempt of each session seen
         self.closed: list[str] = []
         self.policy = Policy("shared-test")
@@ -54,8 +55,10 @@ class Slow:
         @self.policy.mail_from
         async def check(ctx: Context, address: str, args: list[str]) -> None:
             if "slow@" in address:
-                self.waiting.append(ctx.connection_id)
-                self.attempts.append(ctx.attempt)
+                async with self._arrived:
+                    self.waiting.append(ctx.connection_id)
+                    self.attempts.append(ctx.attempt)
+                    self._arrived.notify_all()
                 await self.release.wait()
             if "bad@" in address:
                 ctx.reject("no", code=550, xcode="5.7.1")
@@ -63,6 +66,11 @@ class Slow:
         @self.policy.close
         def closed(ctx: Context) -> None:
             self.closed.append(ctx.connection_id)
+
+    async def holding(self, count: int = 1, timeout: float = 30) -> None:
+        """The barrier: ``count`` sessions are held by the policy, waiting for the release."""
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: len(self.waiting) >= count)
 
 
 @contextlib.asynccontextmanager
@@ -265,9 +273,7 @@ async def test_a_policy_shutting_down_tells_its_streams_it_drains() -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             call = policy_pb2_grpc.SharedPolicyServiceStub(channel).Sessions(None)
             await call.write(pb.SessionsRequest(requests=[start(1), mail(1, "slow@x.test")]))
-            async with asyncio.timeout(30):
-                while not slow.waiting:  # the barrier: the session is held by the policy
-                    await asyncio.sleep(0.01)
+            await slow.holding()
             stopping = asyncio.ensure_future(server.stop(30))
             drained = await call.read()
             assert isinstance(drained, pb.SessionsResponse)

@@ -53,11 +53,17 @@ async def every_replica_connected(channel: grpc.aio.Channel, count: int) -> None
     round_robin picks only among connected ones, as a bridge's channel is by the time
     its first MTA connection arrives)."""
     seen: set[str] = set()
+    answered = asyncio.Event()
+
+    def saw(replica: str) -> None:
+        seen.add(replica)
+        answered.set()
+
     async with asyncio.timeout(LONG):
         while len(seen) < count:
-            probe = SharedStream(sessions_method(channel), on_replica=seen.add)
-            while probe.replica is None:
-                await asyncio.sleep(0.001)
+            answered.clear()
+            probe = SharedStream(sessions_method(channel), on_replica=saw)
+            await answered.wait()  # its replica is known
             probe.cancel()
 
 
@@ -100,9 +106,7 @@ async def test_a_replica_shutting_down_drains_its_streams() -> None:
         held = pool.open_session()
         await held.send(start("held"), until)
         await held.send(mail("slow@x.test"), until)
-        async with asyncio.timeout(LONG):
-            while not slow.waiting:  # the barrier: a replica holds the session
-                await asyncio.sleep(0.01)
+        await slow.holding(1, LONG)  # a replica holds the session
         holder = next(s for s in servers if str(s.port) in given)
         other = next(s for s in servers if s is not holder)
         stopping = asyncio.ensure_future(holder.stop(LONG))

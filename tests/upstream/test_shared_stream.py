@@ -101,9 +101,7 @@ async def test_a_server_gone_fails_every_session_on_the_stream() -> None:
             await session.send(start(f"s{n}"), until)
             await session.send(mail("slow@x.test"), until)  # held by the policy
         # The barrier that the requests arrived: the policy's handlers are waiting.
-        async with asyncio.timeout(LONG):
-            while len(slow.waiting) < 3:
-                await asyncio.sleep(0.01)
+        await slow.holding(3, LONG)
         await server.stop(0)
         causes = []
         for session in waiting:
@@ -125,9 +123,7 @@ async def test_a_request_after_the_stream_broke_gets_the_streams_failure() -> No
         session = stream.open_session()
         await session.send(start("s1"), until)
         await session.send(mail("slow@x.test"), until)
-        async with asyncio.timeout(LONG):
-            while not slow.waiting:
-                await asyncio.sleep(0.01)
+        await slow.holding(1, LONG)
         await server.stop(0)
         async with asyncio.timeout(LONG):
             while stream.broken is None:
@@ -153,9 +149,7 @@ async def test_a_replica_gone_makes_its_sessions_replayable_and_a_new_stream_tak
         session = pool.open_session()
         await session.send(start("s1"), until)
         await session.send(mail("slow@x.test"), until)
-        async with asyncio.timeout(LONG):
-            while not first.waiting:  # the barrier: the first replica holds it, unanswered
-                await asyncio.sleep(0.01)
+        await first.holding(1, LONG)  # the first replica holds it, unanswered
         await server.stop(0)
         with pytest.raises(StreamFailure) as failed:
             await session.receive(until)
