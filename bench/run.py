@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,20 +121,29 @@ def measure_milter(
         warm_up(m, args.load_core)
         idle = memory_per_connection(str(m.socket), m.processes, args.idle_connections)
         _say(f"{milter.key}: {sum(idle.values()) / 1024:.1f} KiB per idle connection")
-        for concurrency in args.concurrency:
-            for run in range(1, args.runs + 1):
-                load = Load(concurrency=concurrency, seconds=args.seconds)
-                measurement, report = measure_run(
-                    m, load, run, milter_core=args.milter_core, load_core=args.load_core
-                )
-                loads.append(report)
-                measurements.append(measurement)
-                _say(
-                    f"{milter.key} c={concurrency} run {run}/{args.runs}:"
-                    f" {measurement.messages_per_s:,.0f} msg/s,"
-                    f" {measurement.cpu_us_per_message():,.0f} µs CPU/msg"
-                )
+        for measurement, report in every_run(m, args, args.milter_core):
+            loads.append(report)
+            measurements.append(measurement)
     return measurements, idle
+
+
+def every_run(
+    m: Running, args: argparse.Namespace, milter_core: Cores
+) -> Iterator[tuple[Measurement, dict[str, Any]]]:
+    """``args.runs`` checked runs of ``args.seconds`` at each of ``args.concurrency``,
+    each said on stderr as it ends."""
+    for concurrency in args.concurrency:
+        for run in range(1, args.runs + 1):
+            load = Load(concurrency=concurrency, seconds=args.seconds)
+            measurement, report = measure_run(
+                m, load, run, milter_core=milter_core, load_core=args.load_core
+            )
+            _say(
+                f"{m.milter.key} c={concurrency} run {run}/{args.runs}:"
+                f" {measurement.messages_per_s:,.0f} msg/s,"
+                f" {measurement.cpu_us_per_message():,.0f} µs CPU/msg"
+            )
+            yield measurement, report
 
 
 def warm_up(m: Running, load_core: int) -> None:

@@ -25,7 +25,7 @@ from bench.load import Load
 from bench.milters import BRIDGE, Milter, started
 from bench.processes import BenchFailure, check_cores
 from bench.report import Measurement
-from bench.run import machine, measure_run, warm_up
+from bench.run import every_run, machine, warm_up
 
 WORKERS = (1, 2)
 TIMES, DASH = "\N{MULTIPLICATION SIGN}", "\N{EN DASH}"
@@ -72,19 +72,7 @@ def measure(args: argparse.Namespace, directory: Path) -> list[Measurement]:
     for workers in WORKERS:
         with started(milter(workers), directory, core=args.milter_cores, marker=shape.marker) as m:
             warm_up(m, args.load_core)
-            for concurrency in args.concurrency:
-                for run in range(1, args.runs + 1):
-                    load = Load(concurrency=concurrency, seconds=args.seconds)
-                    measurement, _ = measure_run(
-                        m, load, run, milter_core=args.milter_cores, load_core=args.load_core
-                    )
-                    out.append(measurement)
-                    print(
-                        f"workers {workers} c={concurrency} run {run}:"
-                        f" {measurement.messages_per_s:,.0f} msg/s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            out += [measurement for measurement, _ in every_run(m, args, args.milter_cores)]
     return out
 
 

@@ -169,9 +169,12 @@ class HttpEndpoint:
                 status, body, kind = 404, b"not found\n", "text/plain"
             if not body:
                 status, body, kind = 500, b"metrics unavailable, see the log\n", "text/plain"
-            reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}.get(
-                status, "Service Unavailable"
-            )
+            reason = {
+                200: "OK",
+                404: "Not Found",
+                500: "Internal Server Error",
+                503: "Service Unavailable",
+            }[status]
             head = f"HTTP/1.0 {status} {reason}\r\nContent-Type: {kind}\r\n"
             head += f"Content-Length: {len(body)}\r\n\r\n"
             writer.write(head.encode() + body)

@@ -9,6 +9,7 @@ tests/mta/test_workers_postfix.py and the verdicts of the conformance suite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -26,7 +27,16 @@ from tests.runtime.mta_client import MtaClient
 from tests.runtime.policy import PolicyServer
 from tests.runtime.process import BridgeProcess
 from tests.runtime.test_metrics import get
-from tests.runtime.workers import alive, by_worker, connect, metrics_port, one, ready, until
+from tests.runtime.workers import (
+    alive,
+    by_worker,
+    connect,
+    metrics_port,
+    one,
+    ready,
+    samples,
+    until,
+)
 from tests.session import harness as h
 
 METRICS = ("--metrics-listen", "127.0.0.1:0")
@@ -38,6 +48,15 @@ async def workers(
 ) -> AsyncIterator[BridgeProcess]:
     """The bridge with two workers on ``listen`` (a parameter: inet by default)."""
     listen = getattr(request, "param", "inet:127.0.0.1:0").replace("TMP", str(tmp_path))
+    async with two_workers(policy, tmp_path, listen) as bridge:
+        yield bridge
+
+
+@contextlib.asynccontextmanager
+async def two_workers(
+    policy: PolicyServer, tmp_path: Path, listen: str, *flags: str
+) -> AsyncIterator[BridgeProcess]:
+    """Started, both workers ready, and stopped afterwards whatever happened."""
     # Its private folder under tmp_path: a supervisor killed here cannot remove it.
     bridge = BridgeProcess(
         tmp_path / "bridge.sock",
@@ -45,6 +64,7 @@ async def workers(
         "--workers",
         "2",
         *METRICS,
+        *flags,
         listen=listen,
         env={"TMPDIR": str(tmp_path)},
     )
@@ -127,20 +147,9 @@ async def test_both_workers_serve_each_kind_of_listener(workers: BridgeProcess) 
 async def test_max_connections_counts_the_whole_bridge(
     policy: PolicyServer, tmp_path: Path
 ) -> None:
-    bridge = BridgeProcess(
-        tmp_path / "bridge.sock",
-        policy.target,
-        "--workers",
-        "2",
-        "--max-connections",
-        "4",
-        *METRICS,
-        tcp=True,
-        env={"TMPDIR": str(tmp_path)},
-    )
-    try:
-        await bridge.start()
-        await until(lambda: _ready(bridge), "both workers ready")
+    async with two_workers(
+        policy, tmp_path, "inet:127.0.0.1:0", "--max-connections", "4"
+    ) as bridge:
         held = []
         for _ in range(4):
             client = await connect(bridge.target)
@@ -162,8 +171,6 @@ async def test_max_connections_counts_the_whole_bridge(
         await session(again)
         for client in held:
             await session(client)
-    finally:
-        await bridge.stop()
 
 
 async def _open_is(bridge: BridgeProcess, count: int) -> bool:
@@ -171,8 +178,6 @@ async def _open_is(bridge: BridgeProcess, count: int) -> bool:
 
 
 async def by_reason(bridge: BridgeProcess) -> dict[str, float]:
-    from tests.runtime.workers import samples  # noqa: PLC0415
-
     found = await samples(bridge, "milter_bridge_connections_refused_total")
     return {dict(labels)["reason"]: value for labels, value in found.items()}
 
